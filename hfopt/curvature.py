@@ -1,0 +1,357 @@
+"""Gauss-Newton and Hessian operators from per-layer rules.
+
+Building an operator runs the model's forward once through the rules (under
+``no_grad``, without touching parameters or buffers) and caches what each rule
+needs.  A product ``v -> Bv`` is then
+
+1. a forward sweep of Jacobian-vector products (Pearlmutter's R-operator),
+2. the loss's output Hessian applied to the output direction,
+3. a backward sweep of transposed-Jacobian products; for the Hessian each rule
+   also adds its residual: its second derivative contracted with the gradient
+   that reached its output (computed once, at build, by the same rules).
+
+``GGN`` drops the residuals, ``Hessian`` keeps them.  Vectors are lists of
+tensors shaped like the model's trainable parameters, in ``model.parameters()``
+order.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .graph import Graph, Ref, trace
+from .losses import LossCurvature, loss_curvature
+from .rules import Input, Rule, fallback_function_rule, fallback_module_rule, function_rule, module_rule
+from .rules.base import add_optional
+from .rules.fallback import FallbackRule
+from .rules.shape import substitute
+
+Vector = List[Tensor]
+
+
+@dataclass
+class _Step:
+    node: int                       # index of the graph node this step computes
+    rule: Rule
+    refs: List[Optional[int]]       # node index behind each Input marker (None: literal constant)
+    active: List[bool]              # which inputs carry a direction
+    params: Dict[str, int]          # parameter name -> position in the flat parameter list
+    residual: bool = False          # Hessian only: the rule has a non-zero residual here
+    gradient: Optional[Tensor] = field(default=None, repr=False)  # dLoss/dOutput of this step
+
+
+class CurvatureOperator:
+    """Base of :class:`GGN` and :class:`Hessian`; see the module docstring."""
+
+    residuals = False
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, inputs, targets):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"hfopt: model must be an nn.Module, got {type(model).__name__}")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(f"hfopt: {type(model).__name__} has no trainable parameters "
+                             "(none with requires_grad=True); there is no curvature to compute")
+        self.model = model
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        self.graph: Graph = trace(model, len(inputs))
+        self.fallbacks: List[str] = []
+        with torch.no_grad():
+            output = self._forward(inputs)
+            self.output = output
+            self.loss_curvature: LossCurvature = loss_curvature(loss_fn, output, targets)
+        self.loss = self.loss_curvature.value
+        self._gradient: Optional[Vector] = None
+        if self.residuals:
+            self._gradient = self._first_order()
+
+    # ---------------------------------------------------------------- forward
+    def _forward(self, inputs: tuple) -> Tensor:
+        nodes = self.graph.nodes
+        values: List = [None] * len(nodes)
+        active = [False] * len(nodes)
+        self._param_nodes: Dict[int, int] = {}
+        self.steps: List[_Step] = []
+        last_use = self._last_use()
+        for i, node in enumerate(nodes):
+            if node.op == "input":
+                if node.target >= len(inputs):
+                    raise ValueError(f"hfopt: the model's forward takes more inputs than the {len(inputs)} given")
+                values[i] = inputs[node.target]
+            elif node.op == "attr":
+                values[i] = node.target
+                idx = self._index.get(id(node.target))
+                if idx is not None:
+                    active[i] = True
+                    self._param_nodes[i] = idx
+            else:
+                values[i] = self._call(i, node, values, active)
+            for j in last_use.get(i, ()):  # rules cache what they need; drop the rest
+                values[j] = None
+        out = values[self.graph.output.index]
+        if not isinstance(out, Tensor):
+            raise TypeError(f"hfopt: the model must return a tensor, got {type(out).__name__}")
+        self._output_active = active[self.graph.output.index]
+        self._last_step = self._last_step_use()
+        return out
+
+    def _last_use(self) -> Dict[int, List[int]]:
+        """node -> nodes whose values are no longer needed after it ran."""
+        last: Dict[int, int] = {}
+        for i, node in enumerate(self.graph.nodes):
+            for leaf in pytree.tree_leaves((node.args, node.kwargs or {})):
+                if isinstance(leaf, Ref):
+                    last[leaf.index] = i
+        last.pop(self.graph.output.index, None)
+        out: Dict[int, List[int]] = {}
+        for j, i in last.items():
+            out.setdefault(i, []).append(j)
+        return out
+
+    def _call(self, i: int, node, values: list, active: list):
+        tensors: List[Tensor] = []
+        refs: List[Optional[int]] = []
+        act: List[bool] = []
+
+        def mark(a):
+            if isinstance(a, Ref):
+                v = values[a.index]
+                if not isinstance(v, Tensor):
+                    return v
+                refs.append(a.index)
+                act.append(active[a.index])
+            elif isinstance(a, Tensor):
+                v = a
+                refs.append(None)
+                act.append(False)
+            else:
+                return a
+            tensors.append(v)
+            return Input(len(tensors) - 1)
+
+        args = pytree.tree_map(mark, node.args)
+        kwargs = pytree.tree_map(mark, node.kwargs or {})
+        fallback = False
+        if node.op == "module":
+            module = node.target
+            rule = module_rule(module) if (len(args) == 1 and isinstance(args[0], Input) and not kwargs) else None
+            if rule is None:
+                rule, fallback = fallback_module_rule(module, args, kwargs), True
+                params = dict(module.named_parameters())
+            else:
+                params = {n: getattr(module, n, None) for n in rule.param_names}
+        else:
+            params = {}
+            rule = function_rule(node.target, args, kwargs) if tensors else None
+            if rule is None:
+                if not any(act):  # constant glue (shapes, sizes) runs as written
+                    return node.target(*substitute(args, tensors), **substitute(kwargs, tensors))
+                rule, fallback = fallback_function_rule(node.target, args, kwargs), True
+        trainable = {n: self._index[id(p)] for n, p in params.items()
+                     if p is not None and id(p) in self._index}
+        rule.setup(act, tuple(trainable))
+        out = rule.forward(tensors, params)
+        if any(act) or trainable:
+            active[i] = True
+            self.steps.append(_Step(i, rule, refs, act, trainable))
+            if fallback:
+                self._note_fallback(node, rule)
+        return out
+
+    def _note_fallback(self, node, rule: FallbackRule) -> None:
+        where = node.name if self.graph.traced else f"{type(self.model).__name__} (fx could not trace it: " \
+                                                    f"{self.graph.reason})"
+        self.fallbacks.append(f"{where}: {rule.label}")
+        warnings.warn(f"hfopt: no closed-form curvature rule for {rule.label}; using the torch.func fallback "
+                      "for it (exact, slower)", stacklevel=4)
+
+    def _last_step_use(self) -> Dict[int, int]:
+        last: Dict[int, int] = {}
+        for k, step in enumerate(self.steps):
+            for r in step.refs:
+                if r is not None:
+                    last[r] = k
+        return last
+
+    # ---------------------------------------------------------------- sweeps
+    def _jvp_sweep(self, v: Vector, keep: bool) -> Dict[int, Optional[Tensor]]:
+        dirs: Dict[int, Optional[Tensor]] = {i: v[idx] for i, idx in self._param_nodes.items()}
+        out_node = self.graph.output.index
+        for k, step in enumerate(self.steps):
+            din = [dirs.get(r) if (r is not None and a) else None for r, a in zip(step.refs, step.active)]
+            dpar = {n: v[idx] for n, idx in step.params.items()}
+            dirs[step.node] = step.rule.jvp(din, dpar) if (dpar or any(d is not None for d in din)) else None
+            if not keep:
+                for r in step.refs:
+                    if r is not None and r != out_node and self._last_step.get(r) == k:
+                        dirs.pop(r, None)
+        return dirs
+
+    def _backward_sweep(self, h_out: Tensor, dirs: Optional[Dict[int, Optional[Tensor]]],
+                        v: Optional[Vector], store_gradients: bool = False) -> Vector:
+        cot: Dict[int, Tensor] = {self.graph.output.index: h_out}
+        grads: List[Optional[Tensor]] = [None] * len(self.params)
+        for step in reversed(self.steps):
+            h = cot.pop(step.node, None)
+            need_par = tuple(step.params)
+            if store_gradients and step.residual and h is not None:
+                step.gradient = h
+            if dirs is not None and step.residual:
+                din = [dirs.get(r) if (r is not None and a) else None for r, a in zip(step.refs, step.active)]
+                dpar = {n: v[idx] for n, idx in step.params.items()}
+                gin, gpar = step.rule.hessian_vjp(h, step.gradient, din, dpar, step.active, need_par)
+            elif h is None:
+                continue
+            else:
+                gin, gpar = step.rule.vjp(h, step.active, need_par)
+            for r, a, t in zip(step.refs, step.active, gin):
+                if a and t is not None:
+                    cot[r] = add_optional(cot.get(r), t)
+            for n, t in gpar.items():
+                idx = step.params[n]
+                grads[idx] = add_optional(grads[idx], t)
+        for i, idx in self._param_nodes.items():
+            if i in cot:
+                grads[idx] = add_optional(grads[idx], cot[i])
+        return [torch.zeros_like(p) if g is None else g.reshape(p.shape) for p, g in zip(self.params, grads)]
+
+    def _first_order(self) -> Vector:
+        for step in self.steps:
+            step.residual = step.rule.has_residual()
+        if not self._output_active:
+            return [torch.zeros_like(p) for p in self.params]
+        with torch.no_grad():
+            return self._backward_sweep(self.loss_curvature.grad(), None, None, store_gradients=True)
+
+    # ---------------------------------------------------------------- public
+    def gradient(self) -> Vector:
+        """dLoss/dParameters at the cached point, by the same rules."""
+        if self._gradient is None:
+            if not self._output_active:
+                self._gradient = [torch.zeros_like(p) for p in self.params]
+            else:
+                with torch.no_grad():
+                    self._gradient = self._backward_sweep(self.loss_curvature.grad(), None, None)
+        return [g.clone() for g in self._gradient]
+
+    def matvec(self, v: Sequence[Tensor]) -> Vector:
+        """The curvature times ``v`` (a list shaped like the parameters)."""
+        v = self._check(v)
+        if not self._output_active:
+            return [torch.zeros_like(p) for p in self.params]
+        with torch.no_grad():
+            dirs = self._jvp_sweep(v, keep=self.residuals)
+            d_out = dirs.get(self.graph.output.index)
+            if d_out is None:
+                d_out = torch.zeros_like(self.output)
+            u = self.loss_curvature.hvp(d_out)
+            return self._backward_sweep(u, dirs if self.residuals else None, v)
+
+    def __matmul__(self, v: Sequence[Tensor]) -> Vector:
+        return self.matvec(v)
+
+    def matvec_flat(self, vec: Tensor) -> Tensor:
+        """:meth:`matvec` on one flat vector (parameters concatenated in order)."""
+        if not isinstance(vec, Tensor) or vec.dim() != 1 or vec.numel() != self.numel:
+            raise ValueError(f"hfopt: a flat vector must be a 1-D tensor of {self.numel} elements, got "
+                             f"{tuple(vec.shape) if isinstance(vec, Tensor) else type(vec).__name__}")
+        return torch.cat([t.reshape(-1) for t in self.matvec(self.unflatten(vec))])
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def unflatten(self, vec: Tensor) -> Vector:
+        """Split a flat vector into parameter-shaped pieces (dtype and device of the parameters)."""
+        out, k = [], 0
+        for p in self.params:
+            out.append(vec[k:k + p.numel()].view(p.shape).to(dtype=p.dtype, device=p.device))
+            k += p.numel()
+        return out
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` on flat float64 vectors."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x: np.ndarray) -> np.ndarray:
+            flat = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
+            return self.matvec_flat(flat).detach().cpu().to(torch.float64).numpy()
+
+        n = self.numel
+        return LinearOperator((n, n), matvec=mv, rmatvec=mv, dtype=np.float64)
+
+    def diagonal_estimate(self, samples: int = 1, generator: Optional[torch.Generator] = None) -> Vector:
+        """Unbiased estimate of the Gauss-Newton diagonal from ``samples`` backward
+        sweeps of ``s ~ H_out^{1/2}`` (Monte-Carlo Gauss-Newton): non-negative,
+        one backward sweep per sample, defined with train-mode BatchNorm where
+        per-example gradients are not.  Losses without a closed form use
+        Hutchinson's ``v * (G v)`` (may be negative: clamp before use)."""
+        if samples < 1:
+            raise ValueError(f"hfopt: samples must be >= 1, got {samples}")
+        total = [torch.zeros_like(p) for p in self.params]
+        if not self._output_active:
+            return total
+        with torch.no_grad():
+            for _ in range(samples):
+                if self.loss_curvature.closed_form:
+                    s = self.loss_curvature.sample_sqrt(generator)
+                    contrib = [g * g for g in self._backward_sweep(s, None, None)]
+                else:
+                    v = [torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
+                         for p in self.params]
+                    contrib = [a * b for a, b in zip(v, GGN.matvec(self, v))]
+                for t, c in zip(total, contrib):
+                    t.add_(c)
+        return [t / samples for t in total]
+
+    def _check(self, v: Sequence[Tensor]) -> Vector:
+        if isinstance(v, Tensor) or not isinstance(v, (list, tuple)):
+            raise TypeError(f"hfopt: v must be a list of tensors shaped like the {len(self.params)} trainable "
+                            f"parameters, got {type(v).__name__} (use matvec_flat for a flat vector)")
+        if len(v) != len(self.params):
+            raise ValueError(f"hfopt: v has {len(v)} tensors but the model has {len(self.params)} trainable "
+                             "parameters")
+        for name, p, t in zip(self.param_names, self.params, v):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"hfopt: v entry for parameter '{name}' is a {type(t).__name__}, not a tensor")
+            if t.shape != p.shape:
+                raise ValueError(f"hfopt: v entry for parameter '{name}' has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(p.shape)}")
+            if t.dtype != p.dtype:
+                raise ValueError(f"hfopt: v entry for parameter '{name}' has dtype {t.dtype}, expected {p.dtype}")
+            if t.device != p.device:
+                raise ValueError(f"hfopt: v entry for parameter '{name}' is on {t.device}, expected {p.device}")
+        return [t.detach() for t in v]
+
+
+class GGN(CurvatureOperator):
+    """Generalized Gauss-Newton ``J^T H_out J`` of ``loss_fn(model(inputs), targets)``."""
+
+    residuals = False
+
+
+class Hessian(CurvatureOperator):
+    """The full Hessian of ``loss_fn(model(inputs), targets)`` w.r.t. the parameters."""
+
+    residuals = True
+
+
+def GGN_or_Hessian(kind: str) -> type:
+    """``"ggn"`` -> :class:`GGN`, ``"hessian"`` -> :class:`Hessian`."""
+    if kind == "ggn":
+        return GGN
+    if kind == "hessian":
+        return Hessian
+    raise ValueError(f"hfopt: curvature must be 'ggn' or 'hessian', got {kind!r}")
+
+
+Operator = Union[GGN, Hessian]

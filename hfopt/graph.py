@@ -1,0 +1,138 @@
+"""Turn a model into the ordered nodes the curvature sweeps walk.
+
+torch.fx traces ``forward`` symbolically.  Modules with a closed-form rule stay
+leaves; containers and custom blocks are traced through, so the glue written
+in their ``forward`` (skip additions, ``F.relu``, ``view``) becomes nodes of its
+own.  A leaf module without a rule is kept whole and later served by the
+torch.func fallback.  A model fx cannot trace becomes a single fallback node.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import fx, nn
+
+from .rules import has_module_rule
+
+
+@dataclass(frozen=True)
+class Ref:
+    """The value of node ``index``."""
+
+    index: int
+
+
+@dataclass
+class Node:
+    """One step of the model.
+
+    ``op`` is ``"input"`` (``target``: position in the model's inputs),
+    ``"attr"`` (``target``: the tensor a ``get_attr`` reads), ``"module"``
+    (``target``: the submodule), ``"function"`` (``target``: the callable;
+    methods become ``torch.Tensor.<name>``) or ``"output"``.
+    """
+
+    name: str
+    op: str
+    target: Any
+    args: tuple = ()
+    kwargs: Optional[dict] = None
+
+
+@dataclass
+class Graph:
+    nodes: List[Node]
+    output: Ref
+    traced: bool  # False: the whole model is one fallback node
+    reason: str = ""  # why fx could not trace it
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if has_module_rule(m):
+            return True
+        # Containers and custom blocks are traced through; a childless module
+        # without a rule stays whole for the fallback.
+        return len(m._modules) == 0 and not isinstance(m, nn.Sequential)
+
+
+def _convert(model: nn.Module, g: fx.Graph) -> Graph:
+    index = {}
+    nodes: List[Node] = []
+    n_inputs = 0
+
+    def ref(a):
+        return Ref(index[a]) if isinstance(a, fx.Node) else a
+
+    output = None
+    for fn in g.nodes:
+        args = torch.utils._pytree.tree_map(ref, tuple(fn.args))
+        kwargs = torch.utils._pytree.tree_map(ref, dict(fn.kwargs))
+        if fn.op == "placeholder":
+            node = Node(fn.name, "input", n_inputs)
+            n_inputs += 1
+        elif fn.op == "get_attr":
+            node = Node(fn.name, "attr", _get_attr(model, fn.target))
+        elif fn.op == "call_module":
+            node = Node(fn.name, "module", model.get_submodule(fn.target), args, kwargs)
+        elif fn.op == "call_method":
+            node = Node(fn.name, "function", getattr(torch.Tensor, fn.target), args, kwargs)
+        elif fn.op == "call_function":
+            node = Node(fn.name, "function", fn.target, args, kwargs)
+        elif fn.op == "output":
+            output = args[0]
+            continue
+        else:  # pragma: no cover - fx has no other ops
+            raise RuntimeError(f"unexpected fx op {fn.op}")
+        index[fn] = len(nodes)
+        nodes.append(node)
+    if not isinstance(output, Ref):
+        raise TypeError("hfopt: the model must return a single tensor; got a "
+                        f"{type(output).__name__} of outputs from its forward")
+    return Graph(nodes, output, traced=True)
+
+
+def _get_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _whole_model(model: nn.Module, n_inputs: int) -> Graph:
+    nodes = [Node(f"input{i}", "input", i) for i in range(n_inputs)]
+    nodes.append(Node("model", "module", model, tuple(Ref(i) for i in range(n_inputs)), {}))
+    return Graph(nodes, Ref(n_inputs), traced=False)
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Graph]]" = weakref.WeakKeyDictionary()
+
+
+def _signature(model: nn.Module) -> tuple:
+    # A traced forward may have branched on a container's `training` flag.
+    return tuple((name, id(m), m.training) for name, m in model.named_modules())
+
+
+def trace(model: nn.Module, n_inputs: int = 1) -> Graph:
+    """The graph of ``model`` (cached while the module tree is unchanged)."""
+    sig = _signature(model)
+    hit = _CACHE.get(model)
+    if hit is not None and hit[0] == sig and (hit[1].traced or
+                                               sum(n.op == "input" for n in hit[1].nodes) == n_inputs):
+        return hit[1]
+    if has_module_rule(model):
+        graph = _whole_model(model, 1)
+        graph.traced = True  # a single supported layer: its rule is exact, no fallback
+    else:
+        try:
+            traced = _Tracer().trace(model)
+        except Exception as exc:  # fx refuses data-dependent control flow and more
+            graph = _whole_model(model, n_inputs)
+            graph.reason = f"{type(exc).__name__}: {exc}"
+        else:
+            graph = _convert(model, traced)
+    _CACHE[model] = (sig, graph)
+    return graph

@@ -1,0 +1,176 @@
+"""Loss functions seen from the model's output: value, gradient and Hessian.
+
+``CrossEntropyLoss``, ``MSELoss`` and ``BCEWithLogitsLoss`` (reduction mean or
+sum) have closed-form output Hessians; any other callable ``loss(output,
+target)`` is served by autograd on the small graph from the output to the loss
+(the output Hessian only, never the network's).
+
+Each curvature also samples ``s`` with ``E[s s^T] = H_out``: backpropagating it
+gives an unbiased, non-negative estimate of the Gauss-Newton diagonal.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class LossCurvature(ABC):
+    """The loss at a fixed output: ``value``, :meth:`grad`, :meth:`hvp`."""
+
+    closed_form = True
+
+    def __init__(self, loss_fn: Callable, output: Tensor, target):
+        self.loss_fn, self.output, self.target = loss_fn, output, target
+        self._grad: Optional[Tensor] = None
+        with torch.no_grad():
+            self.value = loss_fn(output, target)
+        if not isinstance(self.value, Tensor) or self.value.numel() != 1:
+            raise ValueError("hfopt: the loss must reduce to a scalar (reduction 'mean' or 'sum'); got "
+                             f"shape {tuple(getattr(self.value, 'shape', ()))}")
+        self.value = self.value.reshape(())
+
+    def grad(self) -> Tensor:
+        """dLoss/dOutput (first-order autograd on the loss alone)."""
+        if self._grad is None:
+            with torch.enable_grad():
+                z = self.output.detach().requires_grad_(True)
+                self._grad = torch.autograd.grad(self.loss_fn(z, self.target), z)[0]
+        return self._grad
+
+    @abstractmethod
+    def hvp(self, u: Tensor) -> Tensor:
+        """The output Hessian times ``u``."""
+
+    @abstractmethod
+    def sample_sqrt(self, generator: Optional[torch.Generator] = None) -> Tensor:
+        """A random ``s`` with ``E[s s^T]`` the output Hessian."""
+
+
+def _reduction(loss_fn: nn.Module) -> str:
+    if loss_fn.reduction not in ("mean", "sum"):
+        raise ValueError(f"hfopt: {type(loss_fn).__name__}(reduction={loss_fn.reduction!r}) is not supported; "
+                         "use reduction 'mean' or 'sum'")
+    return loss_fn.reduction
+
+
+class CrossEntropyCurvature(LossCurvature):
+    """Per position ``c_i (diag p_i - p_i p_i^T)`` with ``p_i = softmax(z_i)`` and
+    ``c_i`` the total weight the loss puts on that position's log-probabilities
+    (class weight, ignore mask, the mean's denominator)."""
+
+    def __init__(self, loss_fn: nn.CrossEntropyLoss, output: Tensor, target: Tensor):
+        super().__init__(loss_fn, output, target)
+        if output.dim() < 1:
+            raise ValueError(f"hfopt: CrossEntropyLoss needs logits [N, C, ...], got shape {tuple(output.shape)}")
+        reduction = _reduction(loss_fn)
+        self.p = torch.softmax(output, dim=1 if output.dim() > 1 else 0)
+        weight = loss_fn.weight
+        cdim = 1 if output.dim() > 1 else 0
+        if target.dtype.is_floating_point:  # class probabilities
+            t = target if weight is None else target * weight.view([-1] + [1] * (output.dim() - cdim - 1))
+            coef = t.sum(cdim)
+            den = output.numel() // output.shape[cdim]
+        else:
+            valid = target != loss_fn.ignore_index
+            safe = torch.where(valid, target, torch.zeros_like(target))
+            w = torch.ones_like(self.p.select(cdim, 0)) if weight is None else weight[safe].to(output.dtype)
+            coef = w * valid
+            den = coef.sum()
+        self.coef = coef / den if reduction == "mean" else coef
+        self.cdim = cdim
+
+    def hvp(self, u: Tensor) -> Tensor:
+        pu = self.p * u
+        c = self.coef.unsqueeze(self.cdim)
+        return c * (pu - self.p * pu.sum(self.cdim, keepdim=True))
+
+    def sample_sqrt(self, generator=None) -> Tensor:
+        moved = self.p.movedim(self.cdim, -1)
+        flat = moved.reshape(-1, moved.shape[-1])
+        y = torch.multinomial(flat, 1, generator=generator).view(moved.shape[:-1])
+        onehot = F.one_hot(y, moved.shape[-1]).to(self.p.dtype).movedim(-1, self.cdim)
+        return (onehot - self.p) * self.coef.clamp_min(0).sqrt().unsqueeze(self.cdim)
+
+
+class MSECurvature(LossCurvature):
+    """``2/den * I`` with ``den`` the number of elements (mean) or 1 (sum)."""
+
+    def __init__(self, loss_fn: nn.MSELoss, output: Tensor, target: Tensor):
+        super().__init__(loss_fn, output, target)
+        if target.shape != output.shape:
+            raise ValueError(f"hfopt: MSELoss target shape {tuple(target.shape)} must equal the output shape "
+                             f"{tuple(output.shape)}")
+        self.scale = 2.0 / output.numel() if _reduction(loss_fn) == "mean" else 2.0
+
+    def hvp(self, u: Tensor) -> Tensor:
+        return u * self.scale
+
+    def sample_sqrt(self, generator=None) -> Tensor:
+        signs = torch.randint(0, 2, self.output.shape, generator=generator, device=self.output.device)
+        return (signs.to(self.output.dtype) * 2 - 1) * self.scale ** 0.5
+
+
+class BCEWithLogitsCurvature(LossCurvature):
+    """Diagonal ``w (pw y + 1 - y) s (1 - s)/den`` with ``s = sigmoid(z)``."""
+
+    def __init__(self, loss_fn: nn.BCEWithLogitsLoss, output: Tensor, target: Tensor):
+        super().__init__(loss_fn, output, target)
+        den = output.numel() if _reduction(loss_fn) == "mean" else 1
+        s = torch.sigmoid(output)
+        self.s = s
+        coef = torch.ones_like(output)
+        if loss_fn.pos_weight is not None:
+            coef = loss_fn.pos_weight * target + 1 - target
+        if loss_fn.weight is not None:
+            coef = coef * loss_fn.weight
+        self.coef = torch.broadcast_to(coef, output.shape) / den
+        self.diag = self.coef * s * (1 - s)
+
+    def hvp(self, u: Tensor) -> Tensor:
+        return self.diag * u
+
+    def sample_sqrt(self, generator=None) -> Tensor:
+        y = torch.bernoulli(self.s, generator=generator)
+        return (y - self.s) * self.coef.clamp_min(0).sqrt()
+
+
+class AutogradCurvature(LossCurvature):
+    """Any ``loss(output, target)``: the output Hessian by double backward on the
+    loss's own small graph."""
+
+    closed_form = False
+
+    def __init__(self, loss_fn: Callable, output: Tensor, target):
+        super().__init__(loss_fn, output, target)
+        with torch.enable_grad():
+            self._z = output.detach().requires_grad_(True)
+            self._g = torch.autograd.grad(loss_fn(self._z, target).reshape(()), self._z, create_graph=True)[0]
+        self._grad = self._g.detach()
+
+    def hvp(self, u: Tensor) -> Tensor:
+        if not self._g.requires_grad:  # the loss is linear in the output
+            return torch.zeros_like(u)
+        with torch.enable_grad():
+            return torch.autograd.grad(self._g, self._z, u, retain_graph=True)[0]
+
+    def sample_sqrt(self, generator=None) -> Tensor:
+        raise TypeError("sampling needs a closed-form loss")
+
+
+def loss_curvature(loss_fn: Callable, output: Tensor, target) -> LossCurvature:
+    """The :class:`LossCurvature` of ``loss_fn`` at ``output``."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.label_smoothing > 0 and loss_fn.weight is not None:
+            return AutogradCurvature(loss_fn, output, target)
+        return CrossEntropyCurvature(loss_fn, output, target)
+    if isinstance(loss_fn, nn.MSELoss):
+        return MSECurvature(loss_fn, output, target)
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return BCEWithLogitsCurvature(loss_fn, output, target)
+    if not callable(loss_fn):
+        raise TypeError(f"hfopt: loss_fn must be callable, got {type(loss_fn).__name__}")
+    return AutogradCurvature(loss_fn, output, target)

@@ -1,0 +1,132 @@
+"""Per-layer Hessian-backpropagation rules and the table that picks one.
+
+One module per layer family; :func:`module_rule` and :func:`function_rule` map a
+module, or a function call seen in a traced ``forward``, to its rule.  Anything
+else gets :class:`~hfopt.rules.fallback.FallbackRule` (exact, built on
+torch.func, slower).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .activations import activation_rule, module_activation
+from .base import Input, Rule
+from .batchnorm import BatchNormRule
+from .conv import ConvRule
+from .fallback import FallbackRule, call_function, module_function
+from .linear import LinearRule
+from .pooling import AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule, module_pooling
+from .shape import CatRule, DropoutRule, LinearMapRule, ReshapeRule, arithmetic_rule, substitute
+
+__all__ = [
+    "Rule", "Input", "module_rule", "function_rule", "fallback_module_rule", "fallback_function_rule",
+    "BatchNormRule", "ConvRule", "LinearRule", "MaxPoolRule", "AvgPoolRule", "AdaptiveAvgPoolRule",
+    "ReshapeRule", "DropoutRule", "LinearMapRule", "CatRule", "FallbackRule",
+]
+
+
+def module_rule(module: nn.Module) -> Optional[Rule]:
+    """The closed-form rule for ``module(x)``, or None."""
+    if isinstance(module, nn.Linear):
+        return LinearRule.from_module(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and ConvRule.supports(module):
+        return ConvRule.from_module(module)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        return BatchNormRule.from_module(module)
+    if isinstance(module, nn.Flatten):
+        start, end = module.start_dim, module.end_dim
+        return ReshapeRule(lambda x: x.flatten(start, end))
+    if isinstance(module, nn.Identity):
+        return ReshapeRule()
+    if isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
+        if not module.training or module.p == 0:
+            return ReshapeRule()
+        return DropoutRule(module.p) if type(module) is nn.Dropout else None
+    return module_activation(module) or module_pooling(module)
+
+
+def has_module_rule(module: nn.Module) -> bool:
+    return module_rule(module) is not None
+
+
+def fallback_module_rule(module: nn.Module, args: tuple, kwargs: dict) -> FallbackRule:
+    names = [n for n, p in module.named_parameters()]
+    return FallbackRule(module_function(module, args, kwargs), names, type(module).__name__)
+
+
+def fallback_function_rule(target: Callable, args: tuple, kwargs: dict) -> FallbackRule:
+    return FallbackRule(call_function(target, args, kwargs), (), _name(target))
+
+
+def _name(target: Any) -> str:
+    return getattr(target, "__name__", None) or repr(target)
+
+
+_ACTIVATIONS = {
+    F.relu: "relu", torch.relu: "relu", torch.Tensor.relu: "relu",
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid",
+    torch.tanh: "tanh", F.tanh: "tanh", torch.Tensor.tanh: "tanh",
+    F.silu: "silu", F.gelu: "gelu", F.leaky_relu: "leaky_relu", F.elu: "elu",
+}
+_RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.reshape, torch.Tensor.reshape, torch.Tensor.view,
+             torch.Tensor.contiguous}
+_LINEAR_MAPS = {torch.Tensor.permute, torch.permute, torch.transpose, torch.Tensor.transpose, torch.squeeze,
+                torch.Tensor.squeeze, torch.unsqueeze, torch.Tensor.unsqueeze, torch.mean, torch.Tensor.mean,
+                torch.sum, torch.Tensor.sum, operator.getitem, operator.neg, torch.neg, torch.Tensor.neg,
+                operator.truediv}
+_POOLS = {
+    F.max_pool1d: (MaxPoolRule, 1), F.max_pool2d: (MaxPoolRule, 2),
+    torch.max_pool1d: (MaxPoolRule, 1), torch.max_pool2d: (MaxPoolRule, 2),
+    F.avg_pool1d: (AvgPoolRule, 1), F.avg_pool2d: (AvgPoolRule, 2),
+    F.adaptive_avg_pool1d: (AdaptiveAvgPoolRule, 1), F.adaptive_avg_pool2d: (AdaptiveAvgPoolRule, 2),
+}
+
+
+def _single_input(args: tuple) -> bool:
+    return len(args) >= 1 and isinstance(args[0], Input) and not any(
+        isinstance(a, Input) for a in torch.utils._pytree.tree_leaves(args[1:]))
+
+
+def function_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rule]:
+    """The closed-form rule for a functional call ``target(*args, **kwargs)``
+    (tensors already replaced by :class:`Input` markers), or None."""
+    try:
+        kind = _ACTIVATIONS.get(target)
+        pool = _POOLS.get(target)
+    except TypeError:  # unhashable target
+        return None
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # rules never write in place
+    if kind is not None and _single_input(args):
+        # F.leaky_relu(x, 0.2) / F.elu(x, 1.0) pass their constant positionally.
+        extra = dict(zip({"leaky_relu": ("negative_slope",), "elu": ("alpha",),
+                          "gelu": ("approximate",)}.get(kind, ()), args[1:]))
+        extra.update(kwargs)
+        return activation_rule(kind, **extra)
+    if target in _RESHAPES and _single_input(args):
+        rest, kw = args[1:], kwargs
+        return ReshapeRule(lambda x: target(x, *rest, **kw))
+    if pool is not None and _single_input(args):
+        cls, dim = pool
+        if cls is MaxPoolRule and (kwargs.get("return_indices") or (len(args) > 6 and args[6])):
+            return None
+        kw = {k: v for k, v in kwargs.items() if k != "return_indices"}
+        return cls(dim, *args[1:6 if cls is MaxPoolRule else None], **kw)
+    if target is torch.cat and args and isinstance(args[0], (list, tuple)):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        return CatRule(args[0], dim)
+    if target in (F.dropout,) and _single_input(args):
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        training = args[2] if len(args) > 2 else kwargs.get("training", True)
+        return DropoutRule(p) if training and p > 0 else ReshapeRule()
+    rule = arithmetic_rule(target, args, kwargs)
+    if rule is not None:
+        return rule
+    if target in _LINEAR_MAPS and _single_input(args):
+        rest, kw = args[1:], kwargs
+        return LinearMapRule(lambda x: target(x, *rest, **kw))
+    return None

@@ -1,0 +1,124 @@
+"""nn.Conv1d/2d/3d and F.conv1d/2d/3d.
+
+A convolution is bilinear in (input, weight), so its residual is the mixed term
+alone: ``conv_transpose(g, dW)`` towards the input and ``corr(dx, g)`` towards the
+weight.  Transposed products come from ATen's ``convolution_backward`` kernel,
+the same closed-form kernel a first-order backward runs.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .base import Grads, Rule
+
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+
+
+def _tuple(v, d: int) -> Tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * d
+
+
+def conv_padding(padding, kernel_size: Sequence[int], dilation: Sequence[int]) -> Optional[Tuple[int, ...]]:
+    """Integer padding for ``padding``, or None where PyTorch would pad
+    asymmetrically ('same' with an even receptive field)."""
+    d = len(kernel_size)
+    if padding == "valid":
+        return (0,) * d
+    if padding == "same":
+        total = [dl * (k - 1) for k, dl in zip(kernel_size, dilation)]
+        if any(t % 2 for t in total):
+            return None
+        return tuple(t // 2 for t in total)
+    return _tuple(padding, d)
+
+
+class ConvRule(Rule):
+    param_names = ("weight", "bias")
+
+    def __init__(self, dim: int, stride, padding, dilation, groups: int):
+        self.dim = dim
+        self.stride = _tuple(stride, dim)
+        self.padding = padding
+        self.dilation = _tuple(dilation, dim)
+        self.groups = groups
+
+    @staticmethod
+    def supports(module: nn.Module) -> bool:
+        if module.padding_mode != "zeros":
+            return False
+        return conv_padding(module.padding, module.kernel_size, module.dilation) is not None
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "ConvRule":
+        dim = len(module.kernel_size)
+        pad = conv_padding(module.padding, module.kernel_size, module.dilation)
+        return cls(dim, module.stride, pad, module.dilation, module.groups)
+
+    def _conv(self, x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
+        return _CONV[self.dim](x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _backward(self, g: Tensor, x: Tensor, w: Tensor, mask: Tuple[bool, bool, bool]):
+        return torch.ops.aten.convolution_backward(
+            g, x, w, None, self.stride, self.padding, self.dilation,
+            False, (0,) * self.dim, self.groups, mask,
+        )
+
+    def forward(self, inputs: Sequence[Tensor], params: Mapping[str, Optional[Tensor]]) -> Tensor:
+        x = inputs[0]
+        self.weight = params["weight"]
+        self.x = x if "weight" in self.trainable else None
+        self.in_shape = x.shape
+        return self._conv(x, self.weight, params.get("bias"))
+
+    def _x_like(self) -> Tensor:
+        # convolution_backward reads only the input's shape when grad_input alone is asked for.
+        if self.x is not None:
+            return self.x
+        return self.weight.new_zeros(()).expand(self.in_shape)
+
+    def jvp(self, din: Sequence[Optional[Tensor]], dparams: Mapping[str, Tensor]) -> Tensor:
+        out = None
+        if din[0] is not None:
+            out = self._conv(din[0], self.weight)
+        dw = dparams.get("weight")
+        if dw is not None:
+            t = self._conv(self.x, dw)
+            out = t if out is None else out.add_(t)
+        db = dparams.get("bias")
+        if db is not None:
+            db = db.view(1, -1, *([1] * self.dim))
+            if out is None:
+                shape = self._conv(self._x_like()[:1], self.weight).shape  # rare: only a bias direction
+                out = db.expand(self.in_shape[0], *shape[1:]).clone()
+            else:
+                out = out.add_(db)
+        return out
+
+    def vjp(self, g: Tensor, need_inputs: Sequence[bool], need_params: Sequence[str]) -> Grads:
+        want_w = "weight" in need_params
+        gx = gw = None
+        if need_inputs[0] or want_w:
+            gx, gw, _ = self._backward(g, self._x_like() if not want_w else self.x, self.weight,
+                                       (bool(need_inputs[0]), want_w, False))
+        gp = {}
+        if want_w:
+            gp["weight"] = gw
+        if "bias" in need_params:
+            gp["bias"] = g.sum([0] + list(range(2, g.dim())))
+        return [gx if need_inputs[0] else None], gp
+
+    def has_residual(self) -> bool:
+        return "weight" in self.trainable and self.active[0]
+
+    def residual(self, g, din, dparams, need_inputs, need_params) -> Grads:
+        dw = dparams.get("weight")
+        rx = None
+        if need_inputs[0] and dw is not None:
+            rx = self._backward(g, self._x_like(), dw, (True, False, False))[0]
+        rp = {}
+        if "weight" in need_params and din[0] is not None:
+            rp["weight"] = self._backward(g, din[0], self.weight, (False, True, False))[1]
+        return [rx], rp

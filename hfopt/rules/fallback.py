@@ -1,0 +1,105 @@
+"""The generic rule: exact products of any layer from torch.func.
+
+Used, with a warning naming the type, for a module or function no closed-form
+rule covers.  JVP is forward mode, the transposed product reverse mode, and the
+residual reverse-over-reverse (forward-over-reverse through train-mode
+BatchNorm returns a wrong mixed term in some torch versions).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Grads, Rule
+from .shape import substitute
+
+
+def module_function(module: nn.Module, args: tuple, kwargs: dict) -> Callable:
+    """``f(inputs, params)`` calling ``module`` functionally.  Buffers are cloned
+    inside the call: a train-mode BatchNorm updates them in place, which the
+    module's real buffers must not see and torch.func refuses on captured ones."""
+    buffers = dict(module.named_buffers())
+
+    def f(inputs: Sequence[Tensor], params: Mapping[str, Tensor]) -> Tensor:
+        state = {k: b.clone() for k, b in buffers.items()}
+        state.update(params)
+        return torch.func.functional_call(module, state, substitute(args, inputs), substitute(kwargs, inputs))
+
+    return f
+
+
+def call_function(target: Callable, args: tuple, kwargs: dict) -> Callable:
+    def f(inputs: Sequence[Tensor], params: Mapping[str, Tensor]) -> Tensor:
+        return target(*substitute(args, inputs), **substitute(kwargs, inputs))
+
+    return f
+
+
+class FallbackRule(Rule):
+    def __init__(self, fn: Callable, param_names: Sequence[str], label: str):
+        self.fn = fn
+        self.param_names = tuple(param_names)
+        self.label = label
+
+    def forward(self, inputs, params) -> Tensor:
+        self.inputs = list(inputs)
+        self.params = dict(params)
+        self.diff_in = [i for i, a in enumerate(self.active) if a]
+        self.diff_par = [n for n in self.param_names if n in self.trainable]
+        self._vjp = None
+        self._g = None
+        out = self.fn(self.inputs, self.params)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"hfopt: {self.label} returned {type(out).__name__}; only single-tensor outputs are supported")
+        return out
+
+    def _of_diff(self, *diff: Tensor) -> Tensor:
+        """The layer as a function of its differentiable arguments alone."""
+        inputs = list(self.inputs)
+        params = dict(self.params)
+        k = len(self.diff_in)
+        for i, t in zip(self.diff_in, diff[:k]):
+            inputs[i] = t
+        params.update(zip(self.diff_par, diff[k:]))
+        return self.fn(inputs, params)
+
+    def _primals(self) -> List[Tensor]:
+        return [self.inputs[i] for i in self.diff_in] + [self.params[n] for n in self.diff_par]
+
+    def _tangents(self, din, dparams) -> List[Tensor]:
+        prim = self._primals()
+        ds = [din[i] for i in self.diff_in] + [dparams.get(n) for n in self.diff_par]
+        return [torch.zeros_like(p) if d is None else d for p, d in zip(prim, ds)]
+
+    def _split(self, grads: Sequence[Tensor], need_inputs, need_params) -> Grads:
+        k = len(self.diff_in)
+        gin: List[Optional[Tensor]] = [None] * len(self.inputs)
+        for i, t in zip(self.diff_in, grads[:k]):
+            if need_inputs[i]:
+                gin[i] = t
+        gp: Dict[str, Tensor] = {n: t for n, t in zip(self.diff_par, grads[k:]) if n in need_params}
+        return gin, gp
+
+    def jvp(self, din, dparams) -> Tensor:
+        with torch.enable_grad():
+            return torch.func.jvp(self._of_diff, tuple(self._primals()), tuple(self._tangents(din, dparams)))[1]
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        if self._vjp is None:
+            with torch.enable_grad():
+                _, self._vjp = torch.func.vjp(self._of_diff, *self._primals())
+        with torch.enable_grad():
+            return self._split(self._vjp(g), need_inputs, need_params)
+
+    def has_residual(self) -> bool:
+        return bool(self.diff_in or self.diff_par)
+
+    def residual(self, g, din, dparams, need_inputs, need_params) -> Grads:
+        def grad_phi(*p):
+            return torch.func.vjp(self._of_diff, *p)[1](g)
+
+        with torch.enable_grad():
+            _, second = torch.func.vjp(grad_phi, *self._primals())
+            return self._split(second(tuple(self._tangents(din, dparams))), need_inputs, need_params)

@@ -1,0 +1,140 @@
+"""Max, average and adaptive-average pooling (1-d and 2-d).
+
+All are piecewise linear or linear: no residual.  Max pooling keeps only the
+argmax indices of the forward; its JVP gathers at them and its transposed
+product scatter-adds there (overlapping windows may share an argmax).  The
+average poolings' transposed products are ATen's own backward kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .base import Grads, Rule
+
+
+def _pair(v, d: int):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * d
+
+
+def _as_2d(t: Tensor, dim: int) -> Tensor:
+    """1-d pooling runs on the 2-d kernels with a unit height."""
+    return t.unsqueeze(-2) if dim == 1 else t
+
+
+class MaxPoolRule(Rule):
+    def __init__(self, dim: int, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+        self.dim = dim
+        self.args = (kernel_size, stride if stride not in (None, ()) else kernel_size, padding, dilation, ceil_mode)
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "MaxPoolRule":
+        dim = 1 if isinstance(m, nn.MaxPool1d) else 2
+        return cls(dim, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+
+    def forward(self, inputs, params) -> Tensor:
+        x = inputs[0]
+        pool = F.max_pool1d if self.dim == 1 else F.max_pool2d
+        y, idx = pool(x, *self.args, return_indices=True)
+        self.in_shape = x.shape
+        self.idx = idx.flatten(-self.dim)  # indices into the flattened spatial dims
+        self.out_shape = y.shape
+        return y
+
+    def jvp(self, din, dparams) -> Tensor:
+        return din[0].flatten(-self.dim).gather(-1, self.idx).view(self.out_shape)
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        if not need_inputs[0]:
+            return [None], {}
+        flat = g.new_zeros(self.in_shape).flatten(-self.dim)
+        flat.scatter_add_(-1, self.idx, g.flatten(-self.dim))
+        return [flat.view(self.in_shape)], {}
+
+
+class AvgPoolRule(Rule):
+    def __init__(self, dim: int, kernel_size, stride=None, padding=0, ceil_mode=False,
+                 count_include_pad=True, divisor_override=None):
+        self.dim = dim
+        stride = kernel_size if stride in (None, ()) else stride
+        self.k, self.s, self.p = _pair(kernel_size, dim), _pair(stride, dim), _pair(padding, dim)
+        self.ceil_mode, self.count_include_pad, self.divisor = ceil_mode, count_include_pad, divisor_override
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "AvgPoolRule":
+        if isinstance(m, nn.AvgPool1d):
+            return cls(1, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
+        return cls(2, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
+
+    def _k2(self):
+        if self.dim == 1:
+            return (1,) + self.k, (1,) + self.s, (0,) + self.p
+        return self.k, self.s, self.p
+
+    def _pool(self, x: Tensor) -> Tensor:
+        k, s, p = self._k2()
+        y = F.avg_pool2d(_as_2d(x, self.dim), k, s, p, self.ceil_mode, self.count_include_pad, self.divisor)
+        return y.squeeze(-2) if self.dim == 1 else y
+
+    def forward(self, inputs, params) -> Tensor:
+        self.in_shape = inputs[0].shape
+        return self._pool(inputs[0])
+
+    def jvp(self, din, dparams) -> Tensor:
+        return self._pool(din[0])
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        if not need_inputs[0]:
+            return [None], {}
+        k, s, p = self._k2()
+        x_like = _as_2d(g.new_zeros(()).expand(self.in_shape), self.dim)
+        gx = torch.ops.aten.avg_pool2d_backward(_as_2d(g, self.dim), x_like, k, s, p, self.ceil_mode,
+                                                self.count_include_pad, self.divisor)
+        return [gx.view(self.in_shape)], {}
+
+
+class AdaptiveAvgPoolRule(Rule):
+    def __init__(self, dim: int, output_size):
+        self.dim = dim
+        self.output_size = _pair(output_size, dim)
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "AdaptiveAvgPoolRule":
+        return cls(1 if isinstance(m, nn.AdaptiveAvgPool1d) else 2, m.output_size)
+
+    def _size2(self, in_shape):
+        size = tuple(in_shape[-self.dim + i] if o is None else o for i, o in enumerate(self.output_size))
+        return (1,) + size if self.dim == 1 else size
+
+    def _pool(self, x: Tensor) -> Tensor:
+        y = F.adaptive_avg_pool2d(_as_2d(x, self.dim), self._size2(x.shape))
+        return y.squeeze(-2) if self.dim == 1 else y
+
+    def forward(self, inputs, params) -> Tensor:
+        self.in_shape = inputs[0].shape
+        return self._pool(inputs[0])
+
+    def jvp(self, din, dparams) -> Tensor:
+        return self._pool(din[0])
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        if not need_inputs[0]:
+            return [None], {}
+        x_like = _as_2d(g.new_zeros(()).expand(self.in_shape), self.dim)
+        gx = torch.ops.aten._adaptive_avg_pool2d_backward(_as_2d(g, self.dim).contiguous(), x_like)
+        return [gx.reshape(self.in_shape)], {}
+
+
+def module_pooling(m: nn.Module) -> Optional[Rule]:
+    if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)):
+        return MaxPoolRule.from_module(m)
+    if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)):
+        return AvgPoolRule.from_module(m)
+    if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+        return AdaptiveAvgPoolRule.from_module(m)
+    return None
+
+

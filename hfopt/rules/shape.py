@@ -1,0 +1,226 @@
+"""The glue of real models: reshapes, identity, dropout, skip additions,
+products, concatenation and other maps that are linear in their tensor input.
+
+``args``/``kwargs`` of a functional call arrive with each tensor replaced by an
+:class:`~hfopt.rules.base.Input` marker; :func:`substitute` puts tensors back.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from .base import Grads, Input, Rule, sum_to_shape
+
+
+def substitute(tree: Any, values: Sequence[Any]) -> Any:
+    """Replace every :class:`Input` marker in ``tree`` with ``values[index]``."""
+    return pytree.tree_map(lambda a: values[a.index] if isinstance(a, Input) else a, tree)
+
+
+class ReshapeRule(Rule):
+    """Flatten, view, reshape, contiguous, Identity: only the shape changes."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor] = lambda x: x):
+        self.fn = fn
+
+    def forward(self, inputs, params) -> Tensor:
+        x = inputs[0]
+        y = self.fn(x)
+        self.in_shape, self.out_shape = x.shape, y.shape
+        return y
+
+    def jvp(self, din, dparams) -> Tensor:
+        return din[0].reshape(self.out_shape)
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        return [g.reshape(self.in_shape) if need_inputs[0] else None], {}
+
+
+class DropoutRule(Rule):
+    """Train-mode dropout: the mask is drawn once, when the operator is built,
+    from torch's global generator exactly as ``F.dropout`` draws it on the CPU,
+    and held fixed for every product, so the operator is the curvature of the
+    objective with that mask.  Eval mode (or p=0) is the identity."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def forward(self, inputs, params) -> Tensor:
+        x = inputs[0]
+        if self.p == 1.0:
+            self.mask = torch.zeros_like(x)
+        else:
+            self.mask = torch.empty_like(x).bernoulli_(1 - self.p).div_(1 - self.p)
+        return x * self.mask
+
+    def jvp(self, din, dparams) -> Tensor:
+        return din[0] * self.mask
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        return [g * self.mask if need_inputs[0] else None], {}
+
+
+class LinearMapRule(Rule):
+    """Any map linear in its one tensor input (permute, slicing, mean, pad with
+    zeros, ...): the JVP applies the map to the direction, the transposed product
+    is the first-order VJP of the map, taken once and reused."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]):
+        self.fn = fn
+
+    def forward(self, inputs, params) -> Tensor:
+        self.x = inputs[0]
+        self._vjp = None
+        return self.fn(inputs[0])
+
+    def jvp(self, din, dparams) -> Tensor:
+        return self.fn(din[0])
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        if not need_inputs[0]:
+            return [None], {}
+        if self._vjp is None:
+            _, self._vjp = torch.func.vjp(self.fn, self.x)
+            self.x = None
+        return [self._vjp(g)[0]], {}
+
+
+class AddRule(Rule):
+    """``a + alpha * b`` (also ``-``, in-place ``+=``), broadcasting included."""
+
+    def __init__(self, a: Any, b: Any, alpha: float = 1.0):
+        self.a, self.b, self.alpha = a, b, alpha
+
+    def forward(self, inputs, params) -> Tensor:
+        a, b = substitute(self.a, inputs), substitute(self.b, inputs)
+        self.shapes = {}
+        for which in (self.a, self.b):
+            if isinstance(which, Input):
+                self.shapes[which.index] = inputs[which.index].shape
+        out = a + self.alpha * b if self.alpha != 1.0 else a + b
+        self.out_shape = out.shape
+        return out
+
+    def _terms(self):
+        yield self.a, 1.0
+        yield self.b, self.alpha
+
+    def jvp(self, din, dparams) -> Tensor:
+        out = None
+        for which, scale in self._terms():
+            if isinstance(which, Input) and din[which.index] is not None:
+                t = din[which.index] if scale == 1.0 else din[which.index] * scale
+                out = t if out is None else out + t
+        return out.expand(self.out_shape) if out.shape != self.out_shape else out
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        gin: list = [None] * len(need_inputs)
+        for which, scale in self._terms():
+            if isinstance(which, Input) and need_inputs[which.index]:
+                t = sum_to_shape(g, self.shapes[which.index])
+                t = t if scale == 1.0 else t * scale
+                i = which.index
+                gin[i] = t if gin[i] is None else gin[i] + t  # x + x
+        return gin, {}
+
+
+class MulRule(Rule):
+    """``a * b``: bilinear, so the residual is ``g * db`` towards ``a`` and
+    ``g * da`` towards ``b``."""
+
+    def __init__(self, a: Any, b: Any):
+        self.a, self.b = a, b
+
+    def forward(self, inputs, params) -> Tensor:
+        self.va, self.vb = substitute(self.a, inputs), substitute(self.b, inputs)
+        out = self.va * self.vb
+        self.out_shape = out.shape
+        return out
+
+    def _d(self, which, din):
+        return din[which.index] if isinstance(which, Input) else None
+
+    def _shape(self, v):
+        return v.shape if isinstance(v, Tensor) else torch.Size([])
+
+    def jvp(self, din, dparams) -> Tensor:
+        da, db = self._d(self.a, din), self._d(self.b, din)
+        out = None
+        if da is not None:
+            out = da * self.vb
+        if db is not None:
+            t = self.va * db
+            out = t if out is None else out + t
+        return out.expand(self.out_shape) if out.shape != self.out_shape else out
+
+    def _scatter(self, need_inputs, ga, gb) -> list:
+        gin: list = [None] * len(need_inputs)
+        for which, t, v in ((self.a, ga, self.va), (self.b, gb, self.vb)):
+            if isinstance(which, Input) and need_inputs[which.index] and t is not None:
+                t = sum_to_shape(t, self._shape(v))
+                i = which.index
+                gin[i] = t if gin[i] is None else gin[i] + t
+        return gin
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        return self._scatter(need_inputs, g * self.vb, g * self.va), {}
+
+    def has_residual(self) -> bool:
+        return isinstance(self.a, Input) and isinstance(self.b, Input) and \
+            self.active[self.a.index] and self.active[self.b.index]
+
+    def residual(self, g, din, dparams, need_inputs, need_params) -> Grads:
+        da, db = self._d(self.a, din), self._d(self.b, din)
+        ra = None if db is None else g * db
+        rb = None if da is None else g * da
+        return self._scatter(need_inputs, ra, rb), {}
+
+
+class CatRule(Rule):
+    def __init__(self, tensors: Sequence[Any], dim: int = 0):
+        self.tensors, self.dim = list(tensors), dim
+
+    def forward(self, inputs, params) -> Tensor:
+        parts = [substitute(t, inputs) for t in self.tensors]
+        self.sizes = [p.shape[self.dim] for p in parts]
+        self.parts_shapes = [p.shape for p in parts]
+        self.like = parts[0]
+        return torch.cat(parts, self.dim)
+
+    def jvp(self, din, dparams) -> Tensor:
+        parts = []
+        for t, shape in zip(self.tensors, self.parts_shapes):
+            d = din[t.index] if isinstance(t, Input) else None
+            parts.append(d if d is not None else self.like.new_zeros(shape))
+        return torch.cat(parts, self.dim)
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        gin: list = [None] * len(need_inputs)
+        for t, piece in zip(self.tensors, torch.split(g, self.sizes, self.dim)):
+            if isinstance(t, Input) and need_inputs[t.index]:
+                gin[t.index] = piece if gin[t.index] is None else gin[t.index] + piece
+        return gin, {}
+
+
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__}
+SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub, torch.Tensor.sub, torch.Tensor.sub_}
+MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul, torch.Tensor.mul, torch.Tensor.mul_}
+
+
+def arithmetic_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rule]:
+    """Rule for a call of ``+``, ``-`` or ``*`` on at most two operands."""
+    if len(args) != 2 or set(kwargs) - {"alpha"}:
+        return None
+    a, b = args
+    alpha = kwargs.get("alpha", 1.0)
+    if target in ADD_FUNCTIONS:
+        return AddRule(a, b, alpha)
+    if target in SUB_FUNCTIONS:
+        return AddRule(a, b, -alpha)
+    if target in MUL_FUNCTIONS and not kwargs:
+        return MulRule(a, b)
+    return None
