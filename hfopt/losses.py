@@ -161,8 +161,45 @@ class AutogradCurvature(LossCurvature):
         raise TypeError("sampling needs a closed-form loss")
 
 
+class GraphLoss:
+    """A loss known only as a tensor already computed from ``outputs`` (a
+    functional loss inside an optimizer closure).  Pass it as ``loss_fn``: the
+    output Hessian is then taken by autograd on that graph, and ``targets`` is
+    ignored."""
+
+    def __init__(self, loss: Tensor, outputs: Tensor):
+        self.loss, self.outputs = loss, outputs
+
+
+class GraphCurvature(LossCurvature):
+    """Output Hessian of a :class:`GraphLoss` by double backward on its graph."""
+
+    closed_form = False
+
+    def __init__(self, loss_fn: GraphLoss, output: Tensor, target=None):
+        if loss_fn.outputs.shape != output.shape:
+            raise ValueError(f"hfopt: the loss graph's outputs have shape {tuple(loss_fn.outputs.shape)}, "
+                             f"the model's output {tuple(output.shape)}")
+        self.loss_fn, self.output, self.target = loss_fn, output, target
+        self.value = loss_fn.loss.detach().reshape(())
+        with torch.enable_grad():
+            self._g = torch.autograd.grad(loss_fn.loss, loss_fn.outputs, create_graph=True, retain_graph=True)[0]
+        self._grad = self._g.detach()
+
+    def hvp(self, u: Tensor) -> Tensor:
+        if not self._g.requires_grad:
+            return torch.zeros_like(u)
+        with torch.enable_grad():
+            return torch.autograd.grad(self._g, self.loss_fn.outputs, u, retain_graph=True)[0]
+
+    def sample_sqrt(self, generator=None) -> Tensor:
+        raise TypeError("sampling needs a closed-form loss")
+
+
 def loss_curvature(loss_fn: Callable, output: Tensor, target) -> LossCurvature:
     """The :class:`LossCurvature` of ``loss_fn`` at ``output``."""
+    if isinstance(loss_fn, GraphLoss):
+        return GraphCurvature(loss_fn, output, target)
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if loss_fn.label_smoothing > 0 and loss_fn.weight is not None:
             return AutogradCurvature(loss_fn, output, target)
