@@ -24,6 +24,7 @@ layer is affine in ``x`` and only the mixed gamma-input residual remains.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -53,20 +54,33 @@ class BatchNormRule(Rule):
         """Per-channel vector -> broadcastable against the input."""
         return coef.view(self.bshape)
 
-    def _mean(self, t: Tensor) -> Tensor:
-        return t.mean(self.dims)
+    def _bn_backward(self, t: Tensor, u: Tensor, scale: Optional[Tensor], mask):
+        """ATen's fused batch-norm backward kernel as a primitive: with zero mean
+        and unit invstd it returns ``scale (t - <t> - u <u t>)``, ``sum(t u)`` and
+        ``sum(t)`` in one pass over the data."""
+        return torch.ops.aten.native_batch_norm_backward(
+            t, u, scale, None, None, self._zeros, self._ones, True, 0.0, mask)
 
-    def _dot_mean(self, t: Tensor, u: Tensor) -> Tensor:
-        return (t * u).mean(self.dims)
+    def _sums(self, t: Tensor, u: Tensor):
+        """``<t u>`` and ``<t>`` per channel."""
+        _, tu, tt = self._bn_backward(t, u, None, (False, True, True))
+        return tu / self.m, tt / self.m
 
-    def _affine(self, terms, const: Optional[Tensor]) -> Tensor:
-        """``sum coef_c * tensor + const_c`` in as few passes as torch allows."""
-        (t0, c0), rest = terms[0], terms[1:]
-        out = t0 * self._c(c0)
-        for t, c in rest:
-            out.addcmul_(t, self._c(c))
+    def _project(self, t: Tensor):
+        """``A (t - <t> - xh <xh t>)`` (the train-mode input Jacobian, which is
+        symmetric), with ``sum(xh t)`` and ``sum(t)``."""
+        return self._bn_backward(t, self.xh, self.A, (True, True, True))
+
+    def _affine(self, out: Optional[Tensor], terms, const: Optional[Tensor]) -> Tensor:
+        """``out + sum coef_c * tensor + const_c``, accumulating in place."""
+        for t, c in terms:
+            if out is None:
+                out = t * self._c(c)
+            else:
+                out.addcmul_(t, self._c(c))
         if const is not None:
-            out.add_(self._c(const))
+            out = self.invstd.new_zeros(()).expand(self.shape) + self._c(const) if out is None \
+                else out.add_(self._c(const))
         return out
 
     # -- forward -------------------------------------------------------------------------
@@ -87,6 +101,8 @@ class BatchNormRule(Rule):
         else:
             mean, var = self.running_mean, self.running_var
         self.invstd = torch.rsqrt(var + self.eps)
+        self._zeros, self._ones = torch.zeros_like(self.invstd), torch.ones_like(self.invstd)
+        self._dx = None
         self.gamma = params.get("weight")
         self.A = self.invstd if self.gamma is None else self.gamma * self.invstd
         xh = (x - self._c(mean)) * self._c(self.invstd)
@@ -103,40 +119,42 @@ class BatchNormRule(Rule):
     # -- first-order products ----------------------------------------------------------------
     def jvp(self, din: Sequence[Optional[Tensor]], dparams: Mapping[str, Tensor]) -> Tensor:
         dx, dg, db = din[0], dparams.get("weight"), dparams.get("bias")
-        terms, cxh, const = [], dg, db
+        out = None
         if dx is not None:
-            terms.append((dx, self.A))
             if self.batch_stats:
-                cxh = _sub(cxh, self.A * self._dot_mean(self.xh, dx))
-                const = _sub(const, self.A * self._mean(dx))
-        if cxh is not None:
-            terms.append((self.xh, cxh))
-        if not terms:
-            return self.invstd.new_zeros(()).expand(self.shape) + self._c(const)
-        return self._affine(terms, const)
+                out, sxd, sd = self._project(dx)
+                # The Hessian's backward sweep needs <xh dx> and <dx> again; a weak
+                # reference keeps the Gauss-Newton sweep free to drop dx.
+                self._dx, self._dx_stats = weakref.ref(dx), (sxd / self.m, sd / self.m)
+            else:
+                out = dx * self._c(self.A)
+        return self._affine(out, [(self.xh, dg)] if dg is not None else [], db)
 
     def _g_stats(self, g: Tensor):
         """<g> and <xh g>, cached: the Hessian reuses the same gradient ``g`` in
         every product of an operator."""
         if self._g is not g:
-            self._g, self._gm, self._ga = g, self._mean(g), self._dot_mean(self.xh, g)
+            ga, gm = self._sums(g, self.xh)
+            self._g, self._gm, self._ga = g, gm, ga
         return self._gm, self._ga
+
+    def _dx_sums(self, dx: Tensor):
+        if self._dx is None or self._dx() is not dx:
+            self._dx, self._dx_stats = weakref.ref(dx), self._sums(dx, self.xh)
+        return self._dx_stats
 
     def vjp(self, g: Tensor, need_inputs: Sequence[bool], need_params: Sequence[str]) -> Grads:
         gp = {}
         if self.batch_stats:
-            gm, ga = self._mean(g), self._dot_mean(self.xh, g)
-            gx = self._affine([(g, self.A), (self.xh, -self.A * ga)], -self.A * gm) if need_inputs[0] else None
-            if "weight" in need_params:
-                gp["weight"] = ga * self.m
-            if "bias" in need_params:
-                gp["bias"] = gm * self.m
-            return [gx], gp
-        gx = g * self._c(self.A) if need_inputs[0] else None
+            gx, gsum_xh, gsum = self._bn_backward(g, self.xh, self.A, (bool(need_inputs[0]), True, True))
+        else:
+            gx = g * self._c(self.A) if need_inputs[0] else None
+            gsum_xh, gsum = self._bn_backward(g, self.xh, None, (False, True, True))[1:] \
+                if self.xh is not None else (None, g.sum(self.dims))
         if "weight" in need_params:
-            gp["weight"] = self._dot_mean(self.xh, g) * self.m
+            gp["weight"] = gsum_xh
         if "bias" in need_params:
-            gp["bias"] = g.sum(self.dims)
+            gp["bias"] = gsum
         return [gx], gp
 
     # -- second order --------------------------------------------------------------------------
@@ -150,13 +168,14 @@ class BatchNormRule(Rule):
         inv = self.invstd
         if not self.batch_stats:
             Q = None if dg is None else dg * inv
-            rgamma = None if dx is None else self._dot_mean(g, dx) * (self.m * inv)
+            rgamma = None if dx is None else self._sums(g, dx)[0] * (self.m * inv)
             return None, Q, None, None, rgamma
         gm, a = self._g_stats(g)
         k = self.A * inv  # gamma * invstd^2
         P = Q = R = S = rgamma = None
         if dx is not None:
-            d, b, c = self._mean(dx), self._dot_mean(self.xh, dx), self._dot_mean(g, dx)
+            b, d = self._dx_sums(dx)
+            c = self._sums(g, dx)[0]
             P = -k * a
             Q = -k * b
             R = k * (3 * a * b - c + gm * d)
@@ -176,29 +195,16 @@ class BatchNormRule(Rule):
         dx, dg = din[0], dparams.get("weight")
         P, Q, R, S, rgamma = self._residual_terms(g, dx, dg)
         gp = {}
+        out = None
         if h is not None:
-            # Fold the transposed product of h into the same coefficient pass.
-            if self.batch_stats:
-                hm, ha = self._mean(h), self._dot_mean(self.xh, h)
-                R = _sub(R, self.A * ha)
-                S = _sub(S, self.A * hm)
-                gh_gamma, gh_beta = ha * self.m, hm * self.m
-            else:
-                gh_gamma = self._dot_mean(self.xh, h) * self.m if "weight" in need_params else None
-                gh_beta = h.sum(self.dims) if "bias" in need_params else None
-            if "weight" in need_params:
-                gp["weight"] = gh_gamma
-            if "bias" in need_params:
-                gp["bias"] = gh_beta
+            # J^T h first, then the residual accumulates into the same buffer.
+            (out,), gp = self.vjp(h, need_inputs, need_params)
         if "weight" in need_params and rgamma is not None:
             gp["weight"] = _add(gp.get("weight"), rgamma)
-        rx = None
         if need_inputs[0]:
-            terms = [(t, c) for t, c in ((h, None if h is None else self.A), (dx, P), (g, Q), (self.xh, R))
-                     if t is not None and c is not None]
-            if terms:
-                rx = self._affine(terms, S)
-        return [rx], gp
+            terms = [(t, c) for t, c in ((dx, P), (g, Q), (self.xh, R)) if t is not None and c is not None]
+            out = self._affine(out, terms, S)
+        return [out], gp
 
 
 def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:

@@ -28,7 +28,11 @@ def _as_2d(t: Tensor, dim: int) -> Tensor:
 class MaxPoolRule(Rule):
     def __init__(self, dim: int, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
         self.dim = dim
-        self.args = (kernel_size, stride if stride not in (None, ()) else kernel_size, padding, dilation, ceil_mode)
+        stride = kernel_size if stride in (None, ()) else stride
+        k, s, p, d = (_pair(a, dim) for a in (kernel_size, stride, padding, dilation))
+        if dim == 1:  # run on the 2-d kernels with a unit height
+            k, s, p, d = (1,) + k, (1,) + s, (0,) + p, (1,) + d
+        self.args = (k, s, p, d, ceil_mode)
 
     @classmethod
     def from_module(cls, m: nn.Module) -> "MaxPoolRule":
@@ -36,23 +40,25 @@ class MaxPoolRule(Rule):
         return cls(dim, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
 
     def forward(self, inputs, params) -> Tensor:
-        x = inputs[0]
-        pool = F.max_pool1d if self.dim == 1 else F.max_pool2d
-        y, idx = pool(x, *self.args, return_indices=True)
+        x = _as_2d(inputs[0], self.dim)
+        y, self.idx = F.max_pool2d(x, *self.args, return_indices=True)
         self.in_shape = x.shape
-        self.idx = idx.flatten(-self.dim)  # indices into the flattened spatial dims
-        self.out_shape = y.shape
-        return y
+        self.out_shape = inputs[0].shape[:-1] + y.shape[-1:] if self.dim == 1 else y.shape
+        return y.view(self.out_shape)
 
     def jvp(self, din, dparams) -> Tensor:
-        return din[0].flatten(-self.dim).gather(-1, self.idx).view(self.out_shape)
+        flat = self.idx.flatten(-2)
+        return _as_2d(din[0], self.dim).flatten(-2).gather(-1, flat).view(self.out_shape)
 
     def vjp(self, g, need_inputs, need_params) -> Grads:
         if not need_inputs[0]:
             return [None], {}
-        flat = g.new_zeros(self.in_shape).flatten(-self.dim)
-        flat.scatter_add_(-1, self.idx, g.flatten(-self.dim))
-        return [flat.view(self.in_shape)], {}
+        # ATen's max-pool backward reads only the input's shape; it accumulates
+        # where overlapping windows share an argmax.
+        x_like = g.new_zeros(()).expand(self.in_shape)
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(
+            _as_2d(g, self.dim).view(self.idx.shape), x_like, *self.args, self.idx)
+        return [gx.view(self.in_shape[:-2] + self.in_shape[-1:]) if self.dim == 1 else gx], {}
 
 
 class AvgPoolRule(Rule):
