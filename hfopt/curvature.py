@@ -27,9 +27,14 @@ from torch.utils import _pytree as pytree
 
 from .graph import Graph, Ref, trace
 from .losses import LossCurvature, loss_curvature
-from .rules import Input, Rule, fallback_function_rule, fallback_module_rule, function_rule, module_rule
+from .rules import (Input, Rule, fallback_function_rule, fallback_module_rule, function_rule, is_metadata_query,
+                    module_rule)
 from .rules.base import add_optional
+from .rules.activations import ReLURule
+from .rules.batchnorm import BatchNormRule
 from .rules.fallback import FallbackRule
+from .rules.fused import BNReLUMaxPoolRule, ReLUMaxPoolRule
+from .rules.pooling import MaxPoolRule
 from .rules.shape import substitute
 
 Vector = List[Tensor]
@@ -51,7 +56,7 @@ class CurvatureOperator:
 
     residuals = False
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, inputs, targets):
+    def __init__(self, model: nn.Module, loss_fn: Callable, inputs, targets, *, fuse: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"hfopt: model must be an nn.Module, got {type(model).__name__}")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -65,6 +70,7 @@ class CurvatureOperator:
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         self.graph: Graph = trace(model, len(inputs))
         self.fallbacks: List[str] = []
+        self.fuse = fuse
         with torch.no_grad():
             output = self._forward(inputs)
             self.output = output
@@ -101,6 +107,8 @@ class CurvatureOperator:
         if not isinstance(out, Tensor):
             raise TypeError(f"hfopt: the model must return a tensor, got {type(out).__name__}")
         self._output_active = active[self.graph.output.index]
+        if self.fuse:
+            self._fuse()
         self._last_step = self._last_step_use()
         return out
 
@@ -153,7 +161,10 @@ class CurvatureOperator:
             params = {}
             rule = function_rule(node.target, args, kwargs) if tensors else None
             if rule is None:
-                if not any(act):  # constant glue (shapes, sizes) runs as written
+                # Constant glue runs as written: calls on constants, and metadata
+                # queries (x.size(0), x.shape) even of a tensor that carries a
+                # direction; they return numbers, which the fallback cannot take.
+                if not any(act) or is_metadata_query(node.target, args):
                     return node.target(*substitute(args, tensors), **substitute(kwargs, tensors))
                 rule, fallback = fallback_function_rule(node.target, args, kwargs), True
         trainable = {n: self._index[id(p)] for n, p in params.items()
@@ -173,6 +184,44 @@ class CurvatureOperator:
         self.fallbacks.append(f"{where}: {rule.label}")
         warnings.warn(f"hfopt: no closed-form curvature rule for {rule.label}; using the torch.func fallback "
                       "for it (exact, slower)", stacklevel=4)
+
+    def _fuse(self) -> None:
+        """Replace runs ``BatchNorm -> ReLU -> MaxPool`` and ``ReLU -> MaxPool``
+        whose intermediate values feed nothing else by one fused rule
+        (:mod:`hfopt.rules.fused`)."""
+        uses: Dict[int, int] = {}
+        for step in self.steps:
+            for r in step.refs:
+                if r is not None:
+                    uses[r] = uses.get(r, 0) + 1
+        by_node = {step.node: step for step in self.steps}
+
+        def producer(step: _Step, cls: type) -> Optional[_Step]:
+            if len(step.refs) != 1 or not step.active[0]:
+                return None
+            prev = by_node.get(step.refs[0])
+            if prev is None or type(prev.rule) is not cls or uses.get(prev.node) != 1 \
+                    or prev.node == self.graph.output.index:
+                return None
+            return prev
+
+        removed = set()
+        for step in self.steps:
+            if type(step.rule) is not MaxPoolRule:
+                continue
+            relu = producer(step, ReLURule)
+            if relu is None:
+                continue
+            bn = producer(relu, BatchNormRule)
+            if bn is not None:
+                step.rule = BNReLUMaxPoolRule(bn.rule, relu.rule, step.rule)
+                step.refs, step.active, step.params = bn.refs, bn.active, bn.params
+                removed.update((relu.node, bn.node))
+            else:
+                step.rule = ReLUMaxPoolRule(relu.rule, step.rule)
+                step.refs, step.active = relu.refs, relu.active
+                removed.add(relu.node)
+        self.steps = [step for step in self.steps if step.node not in removed]
 
     def _last_step_use(self) -> Dict[int, int]:
         last: Dict[int, int] = {}
@@ -230,7 +279,13 @@ class CurvatureOperator:
         if not self._output_active:
             return [torch.zeros_like(p) for p in self.params]
         with torch.no_grad():
-            return self._backward_sweep(self.loss_curvature.grad(), None, None, store_gradients=True)
+            grads = self._backward_sweep(self.loss_curvature.grad(), None, None, store_gradients=True)
+        for step in self.steps:
+            # A step whose output never reaches the loss (a dead branch) has a
+            # zero gradient, hence a zero residual: nothing to add, nothing to store.
+            if step.residual and step.gradient is None:
+                step.residual = False
+        return grads
 
     # ---------------------------------------------------------------- public
     def gradient(self) -> Vector:
@@ -318,8 +373,16 @@ class CurvatureOperator:
             raise TypeError(f"hfopt: v must be a list of tensors shaped like the {len(self.params)} trainable "
                             f"parameters, got {type(v).__name__} (use matvec_flat for a flat vector)")
         if len(v) != len(self.params):
+            # Name the first parameter left without an entry (or the last one
+            # matched when v is too long): the mismatch is usually a frozen or
+            # forgotten parameter.
+            if len(v) < len(self.params):
+                where = f"no entry for parameter '{self.param_names[len(v)]}'"
+            else:
+                where = f"the last trainable parameter is '{self.param_names[-1]}'"
             raise ValueError(f"hfopt: v has {len(v)} tensors but the model has {len(self.params)} trainable "
-                             "parameters")
+                             f"parameters ({where}); v must follow the trainable parameters in "
+                             "model.parameters() order")
         for name, p, t in zip(self.param_names, self.params, v):
             if not isinstance(t, Tensor):
                 raise TypeError(f"hfopt: v entry for parameter '{name}' is a {type(t).__name__}, not a tensor")

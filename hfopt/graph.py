@@ -8,6 +8,7 @@ torch.func fallback.  A model fx cannot trace becomes a single fallback node.
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
@@ -112,8 +113,13 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Graph]]" = weakref.Weak
 
 
 def _signature(model: nn.Module) -> tuple:
-    # A traced forward may have branched on a container's `training` flag.
-    return tuple((name, id(m), m.training) for name, m in model.named_modules())
+    # A traced forward may have branched on a container's `training` flag.  The
+    # graph's "attr" nodes hold the tensors a get_attr read: a parameter or
+    # buffer re-assigned since (model.scale = nn.Parameter(...)) must not be
+    # served from the cache, or its directions would silently be dropped.
+    modules = tuple((name, id(m), m.training) for name, m in model.named_modules())
+    tensors = tuple((name, id(t)) for name, t in itertools.chain(model.named_parameters(), model.named_buffers()))
+    return modules + tensors
 
 
 def trace(model: nn.Module, n_inputs: int = 1) -> Graph:
@@ -126,13 +132,15 @@ def trace(model: nn.Module, n_inputs: int = 1) -> Graph:
     if has_module_rule(model):
         graph = _whole_model(model, 1)
         graph.traced = True  # a single supported layer: its rule is exact, no fallback
-    else:
-        try:
-            traced = _Tracer().trace(model)
-        except Exception as exc:  # fx refuses data-dependent control flow and more
-            graph = _whole_model(model, n_inputs)
-            graph.reason = f"{type(exc).__name__}: {exc}"
-        else:
-            graph = _convert(model, traced)
+        return graph  # not cached: see below
+    try:
+        traced = _Tracer().trace(model)
+    except Exception as exc:  # fx refuses data-dependent control flow and more
+        graph = _whole_model(model, n_inputs)
+        graph.reason = f"{type(exc).__name__}: {exc}"
+        # Not cached: a whole-model graph holds the model itself, and a cache
+        # value referencing its own weak key keeps the model alive forever.
+        return graph
+    graph = _convert(model, traced)
     _CACHE[model] = (sig, graph)
     return graph

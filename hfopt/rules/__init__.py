@@ -24,7 +24,7 @@ from .pooling import AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule, module_pooli
 from .shape import CatRule, DropoutRule, LinearMapRule, ReshapeRule, arithmetic_rule, substitute
 
 __all__ = [
-    "Rule", "Input", "module_rule", "function_rule", "fallback_module_rule", "fallback_function_rule",
+    "Rule", "Input", "module_rule", "function_rule", "is_metadata_query", "fallback_module_rule", "fallback_function_rule",
     "BatchNormRule", "ConvRule", "LinearRule", "MaxPoolRule", "AvgPoolRule", "AdaptiveAvgPoolRule",
     "ReshapeRule", "DropoutRule", "LinearMapRule", "CatRule", "FallbackRule",
 ]
@@ -85,6 +85,25 @@ _POOLS = {
     F.avg_pool1d: (AvgPoolRule, 1), F.avg_pool2d: (AvgPoolRule, 2),
     F.adaptive_avg_pool1d: (AdaptiveAvgPoolRule, 1), F.adaptive_avg_pool2d: (AdaptiveAvgPoolRule, 2),
 }
+
+
+# Queries of a tensor's metadata: their results are numbers (sizes, dims, dtypes),
+# never a direction, even when the tensor queried carries one (x.size(0) in
+# x.view(x.size(0), -1)).
+_METADATA_METHODS = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.ndimension, torch.Tensor.numel,
+                     torch.Tensor.nelement, torch.numel, torch.Tensor.is_contiguous, torch.Tensor.get_device}
+_METADATA_ATTRS = {"shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"}
+
+
+def is_metadata_query(target: Callable, args: tuple) -> bool:
+    """Whether ``target(*args)`` only reads metadata (``x.size(3)``, ``x.shape``):
+    constant glue that runs as written."""
+    try:
+        if target in _METADATA_METHODS:
+            return True
+    except TypeError:  # unhashable target
+        return False
+    return target is getattr and len(args) == 2 and args[1] in _METADATA_ATTRS
 
 
 def _single_input(args: tuple) -> bool:

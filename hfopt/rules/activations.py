@@ -135,8 +135,10 @@ def _gelu(approximate: str) -> Tuple[Callable, Callable, Callable]:
 
 
 def leaky_relu_rule(slope: float) -> ElementwiseRule:
+    # The constants are tensors of x's dtype: torch.where on two Python floats
+    # yields the default dtype (float32), which would round the slope.
     return ElementwiseRule(lambda x: F.leaky_relu(x, slope),
-                           lambda x, y: torch.where(x > 0, 1.0, slope).to(x.dtype), None)
+                           lambda x, y: torch.where(x > 0, x.new_ones(()), x.new_full((), slope)), None)
 
 
 def elu_rule(alpha: float) -> ElementwiseRule:

@@ -80,35 +80,34 @@ class ConvRule(Rule):
         return self.weight.new_zeros(()).expand(self.in_shape)
 
     def jvp(self, din: Sequence[Optional[Tensor]], dparams: Mapping[str, Tensor]) -> Tensor:
+        dw, db = dparams.get("weight"), dparams.get("bias")
         out = None
+        if dw is not None:  # the bias direction rides along inside the convolution kernel
+            out = self._conv(self.x, dw, db)
+            db = None
         if din[0] is not None:
-            out = self._conv(din[0], self.weight)
-        dw = dparams.get("weight")
-        if dw is not None:
-            t = self._conv(self.x, dw)
+            t = self._conv(din[0], self.weight, db)
             out = t if out is None else out.add_(t)
-        db = dparams.get("bias")
-        if db is not None:
-            db = db.view(1, -1, *([1] * self.dim))
-            if out is None:
-                shape = self._conv(self._x_like()[:1], self.weight).shape  # rare: only a bias direction
-                out = db.expand(self.in_shape[0], *shape[1:]).clone()
-            else:
-                out = out.add_(db)
+            db = None
+        if db is not None:  # rare: only a bias direction
+            shape = self._conv(self._x_like()[:1], self.weight).shape
+            out = db.view(1, -1, *([1] * self.dim)).expand(self.in_shape[0], *shape[1:]).clone()
         return out
 
     def vjp(self, g: Tensor, need_inputs: Sequence[bool], need_params: Sequence[str]) -> Grads:
-        want_w = "weight" in need_params
-        gx = gw = None
-        if need_inputs[0] or want_w:
-            gx, gw, _ = self._backward(g, self._x_like() if not want_w else self.x, self.weight,
-                                       (bool(need_inputs[0]), want_w, False))
+        mask = (bool(need_inputs[0]), "weight" in need_params, "bias" in need_params)
         gp = {}
-        if want_w:
+        if not any(mask):
+            return [None], gp
+        x = self.x if mask[1] else self._x_like()
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, self.weight, [g.shape[1]] if mask[2] else None, self.stride, self.padding, self.dilation,
+            False, (0,) * self.dim, self.groups, mask)
+        if mask[1]:
             gp["weight"] = gw
-        if "bias" in need_params:
-            gp["bias"] = g.sum([0] + list(range(2, g.dim())))
-        return [gx if need_inputs[0] else None], gp
+        if mask[2]:
+            gp["bias"] = gb
+        return [gx], gp
 
     def has_residual(self) -> bool:
         return "weight" in self.trainable and self.active[0]
