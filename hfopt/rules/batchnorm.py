@@ -30,6 +30,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..kernels import channel_affine, channel_moments, channel_normalize, channel_sums, use_kernels
 from .base import Grads, Rule
 
 
@@ -63,6 +64,9 @@ class BatchNormRule(Rule):
 
     def _sums(self, t: Tensor, u: Tensor):
         """``<t u>`` and ``<t>`` per channel."""
+        if use_kernels(t):
+            tu, tt = channel_sums([(t, u), (t, None)]) / self.m
+            return tu, tt
         _, tu, tt = self._bn_backward(t, u, None, (False, True, True))
         return tu / self.m, tt / self.m
 
@@ -73,6 +77,8 @@ class BatchNormRule(Rule):
 
     def _affine(self, out: Optional[Tensor], terms, const: Optional[Tensor]) -> Tensor:
         """``out + sum coef_c * tensor + const_c``, accumulating in place."""
+        if terms and use_kernels(terms[0][0]):  # one pass over all terms, in place into out
+            return channel_affine(list(terms) if out is None else [(out, self._ones)] + list(terms), const, out=out)
         for t, c in terms:
             if out is None:
                 out = t * self._c(c)
@@ -97,7 +103,8 @@ class BatchNormRule(Rule):
             if self.m == 1:
                 # Same message PyTorch raises for a one-value channel.
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-            var, mean = torch.var_mean(x, self.dims, correction=0)
+            mean, var = channel_moments(x) if use_kernels(x) else \
+                torch.var_mean(x, self.dims, correction=0)[::-1]
         else:
             mean, var = self.running_mean, self.running_var
         self.invstd = torch.rsqrt(var + self.eps)
@@ -105,11 +112,17 @@ class BatchNormRule(Rule):
         self._dx = None
         self.gamma = params.get("weight")
         self.A = self.invstd if self.gamma is None else self.gamma * self.invstd
-        xh = (x - self._c(mean)) * self._c(self.invstd)
+        beta = params.get("bias")
+        if use_kernels(x):  # xh and y in one pass over x
+            xh, y = channel_normalize(x, mean, self.invstd, self.gamma, beta)
+        else:
+            xh = (x - self._c(mean)) * self._c(self.invstd)
+            y = None
         # Eval mode needs xh only for gamma's products; train mode always.
         self.xh = xh if (self.batch_stats or "weight" in self.trainable) else None
         self._g = None
-        beta = params.get("bias")
+        if y is not None:
+            return y
         if self.gamma is None:
             return xh if beta is None else xh + self._c(beta)
         if beta is None:
@@ -196,13 +209,20 @@ class BatchNormRule(Rule):
         P, Q, R, S, rgamma = self._residual_terms(g, dx, dg)
         gp = {}
         out = None
-        if h is not None:
+        terms = []
+        if h is not None and self.batch_stats and need_inputs[0] and use_kernels(h):
+            # J^T h = A h + (-A <xh h>) xh - A <h>: folded into the residual's single pass.
+            hsx, hs = channel_sums([(self.xh, h), (h, None)])
+            gp = {k: v for k, v in (("weight", hsx), ("bias", hs)) if k in need_params}
+            R, S = _sub(R, self.A * (hsx / self.m)), _sub(S, self.A * (hs / self.m))
+            terms = [(h, self.A)]
+        elif h is not None:
             # J^T h first, then the residual accumulates into the same buffer.
             (out,), gp = self.vjp(h, need_inputs, need_params)
         if "weight" in need_params and rgamma is not None:
             gp["weight"] = _add(gp.get("weight"), rgamma)
         if need_inputs[0]:
-            terms = [(t, c) for t, c in ((dx, P), (g, Q), (self.xh, R)) if t is not None and c is not None]
+            terms += [(t, c) for t, c in ((dx, P), (g, Q), (self.xh, R)) if t is not None and c is not None]
             out = self._affine(out, terms, S)
         return [out], gp
 
