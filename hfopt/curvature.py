@@ -183,7 +183,7 @@ class CurvatureOperator:
                                                     f"{self.graph.reason})"
         self.fallbacks.append(f"{where}: {rule.label}")
         warnings.warn(f"hfopt: no closed-form curvature rule for {rule.label}; using the torch.func fallback "
-                      "for it (exact, slower)", stacklevel=4)
+                      "for it (exact, slower)", stacklevel=5)  # the caller of GGN(...)/Hessian(...)
 
     def _fuse(self) -> None:
         """Replace runs ``BatchNorm -> ReLU -> MaxPool`` and ``ReLU -> MaxPool``
@@ -207,7 +207,9 @@ class CurvatureOperator:
 
         removed = set()
         for step in self.steps:
-            if type(step.rule) is not MaxPoolRule:
+            # The fused rules index [N, C, positions]: batched inputs only (an
+            # unbatched [C, H, W] map would be read as N=C, C=H).
+            if type(step.rule) is not MaxPoolRule or step.rule.idx.dim() != 4:
                 continue
             relu = producer(step, ReLURule)
             if relu is None:

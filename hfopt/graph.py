@@ -9,6 +9,7 @@ torch.func fallback.  A model fx cannot trace becomes a single fallback node.
 from __future__ import annotations
 
 import itertools
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
@@ -60,29 +61,74 @@ class _Tracer(fx.Tracer):
         return len(m._modules) == 0 and not isinstance(m, nn.Sequential)
 
 
+_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv}
+
+
+def _is_inplace_name(name: str) -> bool:
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _functional(fn: fx.Node, model: nn.Module) -> Tuple[Any, dict, bool]:
+    """``(target, kwargs, inplace)`` of a call node, an in-place op replaced by its
+    out-of-place twin (rules never write in place, and a fallback must not
+    overwrite values other rules cached); ``inplace`` says the op overwrote its
+    first argument."""
+    kwargs = dict(fn.kwargs)
+    if fn.op == "call_module":
+        module = model.get_submodule(fn.target)
+        # torch.nn's convention (nn.ReLU(inplace=True)); a custom module's flag may mean anything.
+        inplace = getattr(module, "inplace", False) is True and type(module).__module__.startswith("torch.nn.")
+        return module, kwargs, inplace
+    if fn.op == "call_method":
+        method = getattr(torch.Tensor, fn.target)
+        if _is_inplace_name(fn.target):
+            twin = getattr(torch.Tensor, fn.target[:-1], None)
+            return (twin if callable(twin) else method), kwargs, True
+        return method, kwargs, False
+    target = fn.target
+    if kwargs.get("inplace") is True:  # F.relu(x, inplace=True): F.* pass it by keyword
+        kwargs["inplace"] = False
+        return target, kwargs, True
+    if target in _INPLACE_OPERATORS:
+        return _INPLACE_OPERATORS[target], kwargs, True
+    name = getattr(target, "__name__", "")
+    if _is_inplace_name(name) and getattr(torch, name, None) is target:  # torch.relu_(x)
+        twin = getattr(torch, name[:-1], None)
+        return (twin if callable(twin) else target), kwargs, True
+    return target, kwargs, False
+
+
 def _convert(model: nn.Module, g: fx.Graph) -> Graph:
     index = {}
     nodes: List[Node] = []
     n_inputs = 0
+    # fx records `out.add_(y)` or `F.relu(out, inplace=True)` as a new node, yet
+    # later code that reads `out` gets the old node, whose value eagerly was
+    # overwritten.  Reads are redirected to the op that last overwrote a value:
+    # ``root`` maps an in-place result to the node it overwrote, ``latest`` such
+    # a node to its newest version.
+    root: dict = {}
+    latest: dict = {}
 
     def ref(a):
-        return Ref(index[a]) if isinstance(a, fx.Node) else a
+        if not isinstance(a, fx.Node):
+            return a
+        return Ref(index[latest.get(root.get(a, a), a)])
 
     output = None
     for fn in g.nodes:
         args = torch.utils._pytree.tree_map(ref, tuple(fn.args))
-        kwargs = torch.utils._pytree.tree_map(ref, dict(fn.kwargs))
+        inplace = False
         if fn.op == "placeholder":
             node = Node(fn.name, "input", n_inputs)
             n_inputs += 1
         elif fn.op == "get_attr":
             node = Node(fn.name, "attr", _get_attr(model, fn.target))
-        elif fn.op == "call_module":
-            node = Node(fn.name, "module", model.get_submodule(fn.target), args, kwargs)
-        elif fn.op == "call_method":
-            node = Node(fn.name, "function", getattr(torch.Tensor, fn.target), args, kwargs)
-        elif fn.op == "call_function":
-            node = Node(fn.name, "function", fn.target, args, kwargs)
+        elif fn.op in ("call_module", "call_method", "call_function"):
+            target, kwargs, inplace = _functional(fn, model)
+            kwargs = torch.utils._pytree.tree_map(ref, kwargs)
+            node = Node(fn.name, "module" if fn.op == "call_module" else "function", target, args, kwargs)
         elif fn.op == "output":
             output = args[0]
             continue
@@ -90,6 +136,10 @@ def _convert(model: nn.Module, g: fx.Graph) -> Graph:
             raise RuntimeError(f"unexpected fx op {fn.op}")
         index[fn] = len(nodes)
         nodes.append(node)
+        if inplace and fn.args and isinstance(fn.args[0], fx.Node):
+            first = root.get(fn.args[0], fn.args[0])
+            root[fn] = first
+            latest[first] = fn
     if not isinstance(output, Ref):
         raise TypeError("hfopt: the model must return a single tensor; got a "
                         f"{type(output).__name__} of outputs from its forward")

@@ -71,7 +71,15 @@ class CrossEntropyCurvature(LossCurvature):
         weight = loss_fn.weight
         cdim = 1 if output.dim() > 1 else 0
         if target.dtype.is_floating_point:  # class probabilities
-            t = target if weight is None else target * weight.view([-1] + [1] * (output.dim() - cdim - 1))
+            t = target
+            if loss_fn.label_smoothing > 0:
+                # PyTorch smooths probability targets before weighting them; the
+                # smoothed targets sum to (1 - eps) * sum(t) + eps, which is 1
+                # only when the given targets sum to one.
+                eps = loss_fn.label_smoothing
+                t = t * (1 - eps) + eps / output.shape[cdim]
+            if weight is not None:
+                t = t * weight.view([-1] + [1] * (output.dim() - cdim - 1))
             coef = t.sum(cdim)
             den = output.numel() // output.shape[cdim]
         else:

@@ -17,10 +17,13 @@ One :meth:`HFOptimizer.step` (Martens 2010; Martens & Sutskever 2012):
 
 Trial evaluations (backtracking, rho, line search) rerun the closure without
 gradients; BatchNorm running statistics are restored afterwards, so after a
-step they are what the first, ordinary training forward made them.
+step they are what the first, ordinary training forward made them.  No
+curvature product is taken after a trial evaluation has moved the parameters:
+the predicted reduction comes from CG's own record of the quadratic.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -59,24 +62,39 @@ DIAGNOSTICS = {
     "evaluations": "closure calls made in this step (the first included)",
     "wall_time": "seconds for the whole step",
     "accepted": "whether the parameters moved",
-    "engine": "'rules' (per-layer rules) or 'autograd' (the fallback path)",
+    "engine": "'rules' (per-layer rules) or 'autograd' (the fallback path); None if rejected before",
+    "curvature_samples": "samples in the curvature mini-batch (None on the autograd path)",
+    "rejected": "why the step was rejected by the safety checks (None if it was not)",
 }
 
 
 class _Capture:
-    """What the closure's first call showed: module calls and their arguments."""
+    """What the closure's first call showed: module calls and their arguments,
+    and the buffers of every module it called, as they were before the call."""
 
     def __init__(self) -> None:
         self.calls: List[Tuple[nn.Module, tuple, Any]] = []
-        self.buffers_before: Dict[int, list] = {}
+        self.modules: List[nn.Module] = []  # modules called at the top level, first call order
+        self._before: Dict[int, Tuple[Tensor, Tensor]] = {}  # id(buffer) -> (buffer, value before)
         self.depth = 0
+
+    @property
+    def buffers_before(self) -> List[Tuple[Tensor, Tensor]]:
+        return list(self._before.values())
+
+    def buffers_now(self) -> List[Tuple[Tensor, Tensor]]:
+        """The same buffers with their current values (what the closure made them)."""
+        return [(b, b.detach().clone()) for b, _ in self._before.values()]
 
     @contextmanager
     def active(self):
         def pre(module, args):
-            if self.depth == 0 and id(module) not in self.buffers_before:
-                # A rejected step must undo what this very call does to the buffers.
-                self.buffers_before[id(module)] = _buffers(module)
+            if self.depth == 0 and all(m is not module for m in self.modules):
+                # A rejected step must undo what this very call does to the buffers,
+                # whichever modules the closure calls (the model found or not).
+                self.modules.append(module)
+                for b, v in _buffers(module):
+                    self._before.setdefault(id(b), (b, v))
             self.depth += 1
 
         def post(module, args, output):
@@ -110,22 +128,28 @@ class HFOptimizer(torch.optim.Optimizer):
         cg_eps: Martens' relative-progress threshold (5e-4).
         warm_start: decay of the previous CG solution used as the start (0.95;
             0 disables warm starts).
-        preconditioner: ``True`` for ``(diag(G) + lambda)^exponent`` with an
+        preconditioner: ``True`` for ``(diag(G) + wd + lambda)^exponent`` with an
             unbiased Monte-Carlo estimate of the Gauss-Newton diagonal from the
             engine (per-example gradients, which Martens used, are not defined
-            with train-mode BatchNorm); ``False`` for none.
+            with train-mode BatchNorm), clamped at 0 (Hutchinson's estimate for
+            a loss without a closed form can be negative); ``False`` for none.
+            The autograd path runs without a preconditioner.
         preconditioner_exponent: 0.75 (Martens).
         preconditioner_samples: backward sweeps averaged for the diagonal.
         curvature_batch: samples used for the curvature (int), a fraction of the
             batch (float in (0, 1]) or None for the whole batch.  Successive
-            steps take successive slices of the batch.
+            steps take successive slices of the batch.  It needs the loss as a
+            module called on the outputs (``loss_fn(outputs, y)``); a functional
+            loss's curvature comes from the closure's graph, on the whole batch.
         backtracking: CG iteration backtracking (Martens 2010).
         line_search: Armijo line search (c=1e-2, shrink 0.8).
         line_search_c, line_search_shrink, line_search_max_evaluations.
         weight_decay: L2 coefficient ``wd`` (objective ``f + wd/2 |theta|^2``),
             included in the gradient and in the curvature.
         writer: a ``torch.utils.tensorboard.SummaryWriter``; each numeric
-            diagnostic is logged as ``hf/<name>`` at every step.
+            diagnostic is logged as ``hf/<name>`` at every step (global step:
+            the step counter; a step rejected by the safety checks is logged
+            under the number it would have had).
         seed: seed of the generator behind the preconditioner's sampling.
     """
 
@@ -154,23 +178,50 @@ class HFOptimizer(torch.optim.Optimizer):
         writer: Any = None,
         seed: int = 0,
     ):
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        def count(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
         if curvature not in ("ggn", "hessian"):
             raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
-        if not (damping > 0 and math.isfinite(damping)):
-            raise ValueError(f"damping must be a positive finite number, got {damping}")
-        if not (isinstance(cg_max_iterations, int) and cg_max_iterations >= 1):
+        if not (number(damping) and damping > 0):
+            raise ValueError(f"damping must be a positive finite number, got {damping!r}")
+        if not (isinstance(damping_bounds, (tuple, list)) and len(damping_bounds) == 2
+                and all(number(b) for b in damping_bounds) and 0 < damping_bounds[0] <= damping_bounds[1]):
+            raise ValueError(f"damping_bounds must be (min, max) with 0 < min <= max, got {damping_bounds!r}")
+        if not (number(damping_decrease) and 0 < damping_decrease < 1):
+            raise ValueError(f"damping_decrease must be in (0, 1), got {damping_decrease!r}")
+        if not (number(damping_increase) and damping_increase > 1):
+            raise ValueError(f"damping_increase must be > 1, got {damping_increase!r}")
+        if not (count(cg_max_iterations) and cg_max_iterations >= 1):
             raise ValueError(f"cg_max_iterations must be an int >= 1, got {cg_max_iterations!r}")
-        if not 0 <= warm_start <= 1:
-            raise ValueError(f"warm_start must be in [0, 1], got {warm_start}")
-        if preconditioner_exponent < 0:
-            raise ValueError(f"preconditioner_exponent must be >= 0, got {preconditioner_exponent}")
+        if not (number(cg_eps) and cg_eps >= 0):
+            raise ValueError(f"cg_eps must be a finite number >= 0, got {cg_eps!r}")
+        if not (number(warm_start) and 0 <= warm_start <= 1):
+            raise ValueError(f"warm_start must be in [0, 1], got {warm_start!r}")
+        if not isinstance(preconditioner, bool):
+            raise ValueError(f"preconditioner must be True or False, got {preconditioner!r}")
+        if not (number(preconditioner_exponent) and preconditioner_exponent >= 0):
+            raise ValueError(f"preconditioner_exponent must be >= 0, got {preconditioner_exponent!r}")
+        if not (count(preconditioner_samples) and preconditioner_samples >= 1):
+            raise ValueError(f"preconditioner_samples must be an int >= 1, got {preconditioner_samples!r}")
         if curvature_batch is not None and not (
-                (isinstance(curvature_batch, int) and curvature_batch >= 2)
+                (count(curvature_batch) and curvature_batch >= 2)
                 or (isinstance(curvature_batch, float) and 0 < curvature_batch <= 1)):
             raise ValueError("curvature_batch must be an int >= 2 (samples), a float in (0, 1] (fraction) "
                              f"or None, got {curvature_batch!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not (number(line_search_c) and 0 < line_search_c < 1):
+            raise ValueError(f"line_search_c must be in (0, 1), got {line_search_c!r}")
+        if not (number(line_search_shrink) and 0 < line_search_shrink < 1):
+            raise ValueError(f"line_search_shrink must be in (0, 1), got {line_search_shrink!r}")
+        if not (count(line_search_max_evaluations) and line_search_max_evaluations >= 1):
+            raise ValueError(f"line_search_max_evaluations must be an int >= 1, got {line_search_max_evaluations!r}")
+        if not (number(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise ValueError(f"writer must have an add_scalar method (a SummaryWriter), got {type(writer).__name__}")
         super().__init__(params, dict(weight_decay=weight_decay))
         self.options = dict(
             curvature=curvature, cg_max_iterations=cg_max_iterations, cg_eps=cg_eps, warm_start=warm_start,
@@ -187,6 +238,12 @@ class HFOptimizer(torch.optim.Optimizer):
         self._generator: Optional[torch.Generator] = None
         self.state["hf"] = {"step": 0, "damping": self.damping.value, "curvature_offset": 0, "generator": None}
         self._warned_autograd = False
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        wd = param_group.get("weight_decay", 0.0) if isinstance(param_group, dict) else 0.0
+        if not (isinstance(wd, (int, float)) and not isinstance(wd, bool) and math.isfinite(wd) and wd >= 0):
+            raise ValueError(f"weight_decay of a param group must be a finite number >= 0, got {wd!r}")
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> List[Tensor]:
@@ -209,17 +266,35 @@ class HFOptimizer(torch.optim.Optimizer):
         return self._generator
 
     def state_dict(self) -> Dict[str, Any]:
+        """The optimizer state, as a snapshot: later steps do not change it."""
         hf = self.state["hf"]
         hf["damping"] = self.damping.value
         if self._generator is not None:
             hf["generator"] = self._generator.get_state()
-        return super().state_dict()
+        sd = super().state_dict()
+        # torch hands out the live per-parameter dicts; steps replace entries in them.
+        sd["state"] = {k: (copy.deepcopy(v) if k == "hf" else dict(v)) for k, v in sd["state"].items()}
+        return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        hf = self.state["hf"]
+        # torch keeps non-parameter state as given: do not share it with the caller's dict.
+        hf = self.state["hf"] = copy.deepcopy(self.state["hf"])
         self.damping.value = float(hf["damping"])
         self._generator = None  # rebuilt from the saved state on the next step
+
+    def _snapshot(self):
+        """What a rejected step must leave as it was (damping aside)."""
+        gen = self._generator.get_state() if self._generator is not None else None
+        return copy.deepcopy(self.state["hf"]), gen
+
+    def _roll_back(self, snapshot) -> None:
+        hf, gen = snapshot
+        self.state["hf"] = hf
+        if gen is None:
+            self._generator = None
+        else:
+            self._generator.set_state(gen)
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Tuple[Tensor, Tensor]]) -> Tensor:  # type: ignore[override]
@@ -229,33 +304,50 @@ class HFOptimizer(torch.optim.Optimizer):
         t_start = time.perf_counter()
         params = self._params()
         decay = self._decay()
-        hf = self.state["hf"]
-        diag: Dict[str, Any] = {"evaluations": 0, "curvature_products": 0, "curvature_time": 0.0,
-                                "accepted": False}
+        snapshot = self._snapshot()
+        diag: Dict[str, Any] = {k: math.nan for k in DIAGNOSTICS}
+        # Every documented key is present; what a step did not reach stays NaN
+        # (floats), 0 (counts) or None.
+        diag.update(evaluations=0, curvature_products=0, curvature_time=0.0, accepted=False, engine=None,
+                    cg_iterations=0, cg_stop_reason=None, backtrack_iteration=None, curvature_samples=None,
+                    rejected=None)
         lam = self.damping.value
         diag["damping"] = lam
 
-        # 1. the closure, with gradients and hooks
+        # 1. the closure, with gradients and hooks; p.grad is cleared first so
+        #    that a closure calling backward() itself is caught.
         capture = _Capture()
-        buffers_before = None
-        with torch.enable_grad(), capture.active():
-            result = closure()
-        diag["evaluations"] += 1
-        loss, outputs = _unpack(result)
-        model, inputs, loss_module, targets = _find_model(capture, outputs, params)
-        buffers_after = _buffers(model)
+        saved_grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            with torch.enable_grad(), capture.active():
+                result = closure()
+            diag["evaluations"] += 1
+            raw_loss, outputs = _unpack(result)
+            if any(p.grad is not None for p in params):
+                raise TypeError(f"{CLOSURE_CONTRACT}; this closure called backward() itself, but "
+                                "HFOptimizer takes the gradient and the curvature from what it returns")
+            loss = raw_loss.reshape(())
+            model, inputs, loss_module, targets = _find_model(capture, raw_loss, outputs)
+            try:
+                grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            except RuntimeError as exc:
+                raise TypeError(f"{CLOSURE_CONTRACT} ({exc})") from None
+        except BaseException:
+            for p, gr in zip(params, saved_grads):
+                p.grad = gr
+            _restore(capture.buffers_before)
+            raise
+        buffers_after = capture.buffers_now()
         objective0 = float(loss.detach()) + _decay_term(params, decay)
         diag["loss_before"] = objective0
-        try:
-            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        except RuntimeError as exc:
-            raise TypeError(f"{CLOSURE_CONTRACT} ({exc})") from None
         g = self._flat([torch.zeros_like(p) if gi is None else gi.detach() + wd * p.detach()
                         for p, gi, wd in zip(params, grads, decay)])
         for p, gi in zip(params, grads):
             p.grad = None if gi is None else gi.detach().clone()
         if not (math.isfinite(objective0) and bool(torch.isfinite(g).all())):
-            return self._reject(diag, "non-finite loss or gradient", loss, t_start, model, capture)
+            return self._reject(diag, "non-finite loss or gradient", loss, t_start, capture, snapshot)
 
         theta0 = [p.detach().clone() for p in params]
         wd_flat = self._flat([torch.full_like(p, wd) for p, wd in zip(params, decay)]) \
@@ -269,31 +361,31 @@ class HFOptimizer(torch.optim.Optimizer):
             diag["evaluations"] += 1
             return float(val) + _decay_term(params, decay)
 
-        # 2. curvature operator
-        t_curv = time.perf_counter()
         try:
-            op, engine = self._operator(model, inputs, loss_module, targets, loss, outputs, params)
-            matvec_raw = op
-        except _EngineUnavailable as why:
-            engine = "autograd"
-            if not self._warned_autograd:
-                warnings.warn(f"hfopt: the curvature engine cannot follow this model ({why}); using the "
-                              "autograd path (exact, slower)", stacklevel=2)
-                self._warned_autograd = True
-            matvec_raw = _AutogradCurvature(loss, outputs, params, self.options["curvature"])
-        diag["engine"] = engine
-        diag["curvature_time"] += time.perf_counter() - t_curv
+            # 2. curvature operator
+            t_curv = time.perf_counter()
+            try:
+                op, engine, samples = self._operator(model, inputs, loss_module, targets, loss, outputs, params)
+                matvec_raw: Any = op
+            except _EngineUnavailable as why:
+                engine, samples = "autograd", None
+                if not self._warned_autograd:
+                    warnings.warn(f"hfopt: the curvature engine cannot follow this model ({why}); using the "
+                                  "autograd path (exact, slower)", stacklevel=3)
+                    self._warned_autograd = True
+                matvec_raw = _AutogradCurvature(loss, outputs, params, self.options["curvature"])
+            diag.update(engine=engine, curvature_samples=samples)
+            diag["curvature_time"] += time.perf_counter() - t_curv
 
-        def B(v: Tensor) -> Tensor:
-            t0 = time.perf_counter()
-            out = matvec_raw.matvec_flat(v)
-            if wd_flat is not None:
-                out = out + wd_flat * v
-            diag["curvature_products"] += 1
-            diag["curvature_time"] += time.perf_counter() - t0
-            return out
+            def B(v: Tensor) -> Tensor:
+                t0 = time.perf_counter()
+                out = matvec_raw.matvec_flat(v)
+                if wd_flat is not None:
+                    out = out + wd_flat * v
+                diag["curvature_products"] += 1
+                diag["curvature_time"] += time.perf_counter() - t0
+                return out
 
-        try:
             # 3. preconditioned, warm-started CG
             precond = None
             if self.options["preconditioner"] and isinstance(matvec_raw, _Reordered):
@@ -301,12 +393,14 @@ class HFOptimizer(torch.optim.Optimizer):
                 dg = self._flat(matvec_raw.diagonal_estimate(self.options["preconditioner_samples"],
                                                              self._gen(g.device)))
                 diag["curvature_time"] += time.perf_counter() - t0
+                # Hutchinson's estimate (losses without a closed form) can be negative.
+                dg = dg.clamp_min(0)
                 if wd_flat is not None:
                     dg = dg + wd_flat
                 precond = (dg + lam).pow(self.options["preconditioner_exponent"])
                 if not bool(torch.isfinite(precond).all()):
-                    return self._reject(diag, "non-finite preconditioner", loss, t_start, model, capture,
-                                        params, theta0)
+                    return self._reject(diag, "non-finite preconditioner (curvature diagonal)", loss, t_start,
+                                        capture, snapshot)
             x0 = None
             warm = self._warm_start(params)
             if warm is not None and self.options["warm_start"] > 0:
@@ -315,22 +409,22 @@ class HFOptimizer(torch.optim.Optimizer):
                      max_iterations=self.options["cg_max_iterations"], eps=self.options["cg_eps"])
             diag["cg_iterations"] = res.iterations
             diag["cg_stop_reason"] = res.stop_reason
-            if res.stop_reason == "non_finite" and res.iterations == 0:
-                return self._reject(diag, "non-finite curvature product", loss, t_start, model, capture,
-                                    params, theta0)
+            if res.stop_reason == "non_finite":
+                return self._reject(diag, "non-finite curvature product", loss, t_start, capture, snapshot)
 
-            # 4. CG backtracking
+            # 4. CG backtracking (trial evaluations move the parameters; the
+            #    operator must not be applied after this point)
             if self.options["backtracking"] and len(res.saved) > 1:
                 idx, d, f_new, _ = backtrack(res.saved, evaluate)
-                diag["backtrack_iteration"] = res.saved[idx][0]
+                it = res.saved[idx][0]
             else:
-                d = res.x
+                d, it = res.x, res.iterations
                 f_new = evaluate(d)
-                diag["backtrack_iteration"] = res.iterations
+            diag["backtrack_iteration"] = it
 
-            # 5. Levenberg-Marquardt
-            Bd = B(d)
-            predicted = float(g.dot(d) + 0.5 * d.dot(Bd))
+            # 5. Levenberg-Marquardt.  CG's phi is the damped quadratic
+            #    g.d + d.(B + lam I).d / 2 at each iterate; drop the damping.
+            predicted = res.phi[it] - 0.5 * lam * float(d.dot(d))
             actual = f_new - objective0
             rho = reduction_ratio(actual, predicted)
             diag.update(predicted_reduction=predicted, actual_reduction=actual, rho=rho)
@@ -358,26 +452,29 @@ class HFOptimizer(torch.optim.Optimizer):
                 alpha, f_final = (1.0, f_new) if accepted else (0.0, objective0)
         except BaseException:
             self._set_params(params, theta0, None)
-            _restore(model, buffers_after)
+            _restore(buffers_after)
+            self._roll_back(snapshot)
+            self.damping.value = lam
             raise
 
         # commit
         self._set_params(params, theta0, d * alpha if accepted else None)
-        _restore(model, buffers_after)
+        _restore(buffers_after)
         self._store_warm_start(params, res.x)
+        hf = self.state["hf"]
         hf["step"] += 1
         hf["damping"] = self.damping.value
         diag.update(line_search_step=alpha if accepted else 0.0, accepted=accepted,
                     loss_after=f_final if accepted else objective0,
                     grad_norm=float(g.norm()), step_norm=float(d.norm() * alpha) if accepted else 0.0,
                     damping_next=self.damping.value, wall_time=time.perf_counter() - t_start)
-        self._finish(diag)
+        self._finish(diag, hf["step"])
         return loss.detach()
 
     # ------------------------------------------------------------------ pieces
     def _operator(self, model, inputs, loss_module, targets, loss, outputs, params):
         if model is None:
-            raise _EngineUnavailable("no module call of the closure owns all the optimized parameters")
+            raise _EngineUnavailable("no module call of the closure returned the outputs")
         own = {id(p) for p in model.parameters()}
         if any(id(p) not in own for p in params):
             raise _EngineUnavailable("some optimized parameters are not in the model the closure ran")
@@ -386,16 +483,20 @@ class HFOptimizer(torch.optim.Optimizer):
             raise _EngineUnavailable("the optimizer must hold exactly the model's trainable parameters")
         cls = Hessian if self.options["curvature"] == "hessian" else GGN
         if loss_module is None:
+            # A functional loss (or more than the loss module's output): the output
+            # Hessian comes from the closure's own graph, on the whole batch.
             loss_fn: Any = GraphLoss(loss, outputs)
             cur_inputs, cur_targets = inputs, None
         else:
             loss_fn = loss_module
             cur_inputs, cur_targets = self._curvature_slice(inputs, targets)
+        samples = cur_inputs[0].shape[0] if cur_inputs and isinstance(cur_inputs[0], Tensor) \
+            and cur_inputs[0].dim() > 0 else None
         try:
             op = cls(model, loss_fn, cur_inputs, cur_targets)
-        except (TypeError, ValueError, RuntimeError) as exc:
+        except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
             raise _EngineUnavailable(f"{type(exc).__name__}: {exc}") from None
-        return _Reordered(op, params), "rules"
+        return _Reordered(op, params), "rules", samples
 
     def _curvature_slice(self, inputs: tuple, targets):
         size = self.options["curvature_batch"]
@@ -439,29 +540,30 @@ class HFOptimizer(torch.optim.Optimizer):
                     p.copy_(t + d[k:k + p.numel()].view_as(p).to(p.dtype))
                 k += p.numel()
 
-    def _reject(self, diag, reason, loss, t_start, model, capture, params=None, theta0=None) -> Tensor:
-        if params is not None:
-            self._set_params(params, theta0, None)
+    def _reject(self, diag, reason, loss, t_start, capture: _Capture, snapshot) -> Tensor:
+        """Safety rejection: parameters, buffers and state as before the step
+        (the parameters have not moved yet), except that the damping rises."""
         warnings.warn(f"hfopt: step rejected ({reason}); parameters, buffers and state are unchanged, "
-                      "damping rises", stacklevel=3)
-        _restore_from_capture(model, capture)
+                      "damping rises", stacklevel=4)
+        _restore(capture.buffers_before)
+        self._roll_back(snapshot)
         self.damping.fail()
         self.state["hf"]["damping"] = self.damping.value
-        diag.update(accepted=False, rejected=reason, loss_after=diag.get("loss_before"),
+        diag.update(accepted=False, rejected=reason, loss_after=diag["loss_before"],
                     line_search_step=0.0, step_norm=0.0, damping_next=self.damping.value,
                     wall_time=time.perf_counter() - t_start)
-        self._finish(diag)
+        # Logged as the step it would have been (the counter does not move).
+        self._finish(diag, self.state["hf"]["step"] + 1)
         return loss.detach()
 
-    def _finish(self, diag: Dict[str, Any]) -> None:
+    def _finish(self, diag: Dict[str, Any], global_step: int) -> None:
         self.last_step = diag
         if self.writer is not None:
-            step = self.state["hf"]["step"]
             for k, v in diag.items():
                 if isinstance(v, bool):
                     v = float(v)
                 if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(f"hf/{k}", v, step)
+                    self.writer.add_scalar(f"hf/{k}", v, global_step)
 
 
 class _EngineUnavailable(Exception):
@@ -469,23 +571,24 @@ class _EngineUnavailable(Exception):
 
 
 def _unpack(result) -> Tuple[Tensor, Tensor]:
+    """``(loss, outputs)`` from a closure's result, the loss as returned (not reshaped)."""
     if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], Tensor)
             and isinstance(result[1], Tensor)):
         raise TypeError(f"{CLOSURE_CONTRACT}; got {type(result).__name__}")
     loss, outputs = result
     if loss.numel() != 1:
         raise TypeError(f"{CLOSURE_CONTRACT}; the loss has shape {tuple(loss.shape)}, not a scalar")
-    return loss.reshape(()), outputs
+    return loss, outputs
 
 
-def _find_model(capture: _Capture, outputs: Tensor, params: List[Tensor]):
+def _find_model(capture: _Capture, loss: Tensor, outputs: Tensor):
     """The outermost module call that returned ``outputs``, and the loss module
-    called on them."""
+    called on them, if the closure returned that module's output unchanged."""
     model = inputs = loss_module = targets = None
     for module, args, out in capture.calls:
         if out is outputs and model is None:
             model, inputs = module, tuple(args)
-        elif model is not None and len(args) == 2 and args[0] is outputs:
+        elif model is not None and len(args) == 2 and args[0] is outputs and out is loss:
             loss_module, targets = module, args[1]
     return model, inputs, loss_module, targets
 
@@ -494,24 +597,16 @@ def _decay_term(params: List[Tensor], decay: List[float]) -> float:
     return sum(0.5 * wd * float(p.detach().pow(2).sum()) for p, wd in zip(params, decay) if wd)
 
 
-def _buffers(model: Optional[nn.Module]):
-    if model is None:
-        return None
-    return [(b, b.detach().clone()) for b in model.buffers()]
+def _buffers(module: nn.Module) -> List[Tuple[Tensor, Tensor]]:
+    return [(b, b.detach().clone()) for b in module.buffers()]
 
 
-def _restore(model: Optional[nn.Module], saved) -> None:
-    if saved is None:
+def _restore(saved: Optional[List[Tuple[Tensor, Tensor]]]) -> None:
+    if not saved:
         return
     with torch.no_grad():
         for b, v in saved:
             b.copy_(v)
-
-
-def _restore_from_capture(model, capture: _Capture) -> None:
-    """Undo what the rejected step's own training forward did to the buffers."""
-    if model is not None:
-        _restore(model, capture.buffers_before.get(id(model)))
 
 
 class _Reordered:

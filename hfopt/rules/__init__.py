@@ -24,7 +24,8 @@ from .pooling import AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule, module_pooli
 from .shape import CatRule, DropoutRule, LinearMapRule, ReshapeRule, arithmetic_rule, substitute
 
 __all__ = [
-    "Rule", "Input", "module_rule", "function_rule", "is_metadata_query", "fallback_module_rule", "fallback_function_rule",
+    "Rule", "Input", "module_rule", "function_rule", "is_metadata_query", "fallback_module_rule",
+    "fallback_function_rule",
     "BatchNormRule", "ConvRule", "LinearRule", "MaxPoolRule", "AvgPoolRule", "AdaptiveAvgPoolRule",
     "ReshapeRule", "DropoutRule", "LinearMapRule", "CatRule", "FallbackRule",
 ]

@@ -21,10 +21,15 @@ def module_function(module: nn.Module, args: tuple, kwargs: dict) -> Callable:
     inside the call: a train-mode BatchNorm updates them in place, which the
     module's real buffers must not see and torch.func refuses on captured ones."""
     buffers = dict(module.named_buffers())
+    # An in-place module (nn.Hardswish(inplace=True)) would overwrite the input
+    # the rule caches and differentiates at: it gets a copy.
+    inplace = getattr(module, "inplace", False) is True
 
     def f(inputs: Sequence[Tensor], params: Mapping[str, Tensor]) -> Tensor:
         state = {k: b.clone() for k, b in buffers.items()}
         state.update(params)
+        if inplace:
+            inputs = [t.clone() for t in inputs]
         return torch.func.functional_call(module, state, substitute(args, inputs), substitute(kwargs, inputs))
 
     return f
@@ -50,6 +55,13 @@ class FallbackRule(Rule):
         self.diff_par = [n for n in self.param_names if n in self.trainable]
         self._vjp = None
         self._g = None
+        # A random layer (nn.Dropout2d or RReLU in training, noise in a custom
+        # forward) must draw the same numbers in every re-evaluation below as in
+        # this forward, which drew them from the global generators in the
+        # model's own order: remember their state here, replay it in _call.
+        devices = sorted({t.device.index or 0 for t in list(self.inputs) + list(self.params.values())
+                          if isinstance(t, Tensor) and t.device.type == "cuda"})
+        self._rng = (devices, torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
         out = self.fn(self.inputs, self.params)
         if not isinstance(out, Tensor):
             raise TypeError(f"hfopt: {self.label} returned {type(out).__name__}; only single-tensor outputs are supported")
@@ -63,7 +75,17 @@ class FallbackRule(Rule):
         for i, t in zip(self.diff_in, diff[:k]):
             inputs[i] = t
         params.update(zip(self.diff_par, diff[k:]))
-        return self.fn(inputs, params)
+        return self._call(inputs, params)
+
+    def _call(self, inputs, params) -> Tensor:
+        """``fn`` with the random draws of the forward (the global generators are
+        left as they were)."""
+        devices, cpu, cuda = self._rng
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(cpu)
+            for d, state in zip(devices, cuda):
+                torch.cuda.set_rng_state(state, d)
+            return self.fn(inputs, params)
 
     def _primals(self) -> List[Tensor]:
         return [self.inputs[i] for i in self.diff_in] + [self.params[n] for n in self.diff_par]
