@@ -71,6 +71,8 @@ class CurvatureOperator:
         self.graph: Graph = trace(model, len(inputs))
         self.fallbacks: List[str] = []
         self.fuse = fuse
+        self._copies: Dict[int, Tensor] = {}
+        self._live: Dict[int, int] = {}  # id(copy) -> id(parameter)
         with torch.no_grad():
             output = self._forward(inputs)
             self.output = output
@@ -94,7 +96,7 @@ class CurvatureOperator:
                     raise ValueError(f"hfopt: the model's forward takes more inputs than the {len(inputs)} given")
                 values[i] = inputs[node.target]
             elif node.op == "attr":
-                values[i] = node.target
+                values[i] = self._frozen(node.target)
                 idx = self._index.get(id(node.target))
                 if idx is not None:
                     active[i] = True
@@ -111,6 +113,17 @@ class CurvatureOperator:
             self._fuse()
         self._last_step = self._last_step_use()
         return out
+
+    def _frozen(self, t):
+        """A copy of parameter or buffer ``t`` taken at build: the operator is the
+        curvature at that point, whatever training does to ``t`` afterwards."""
+        if not isinstance(t, Tensor):
+            return t
+        copy = self._copies.get(id(t))
+        if copy is None:
+            copy = self._copies[id(t)] = t.detach().clone()
+            self._live[id(copy)] = id(t)
+        return copy
 
     def _last_use(self) -> Dict[int, List[int]]:
         """node -> nodes whose values are no longer needed after it ran."""
@@ -154,9 +167,9 @@ class CurvatureOperator:
             rule = module_rule(module) if (len(args) == 1 and isinstance(args[0], Input) and not kwargs) else None
             if rule is None:
                 rule, fallback = fallback_module_rule(module, args, kwargs), True
-                params = dict(module.named_parameters())
+                params = {n: self._frozen(p) for n, p in module.named_parameters()}
             else:
-                params = {n: getattr(module, n, None) for n in rule.param_names}
+                params = {n: self._frozen(getattr(module, n, None)) for n in rule.param_names}
         else:
             params = {}
             rule = function_rule(node.target, args, kwargs) if tensors else None
@@ -167,8 +180,8 @@ class CurvatureOperator:
                 if not any(act) or is_metadata_query(node.target, args):
                     return node.target(*substitute(args, tensors), **substitute(kwargs, tensors))
                 rule, fallback = fallback_function_rule(node.target, args, kwargs), True
-        trainable = {n: self._index[id(p)] for n, p in params.items()
-                     if p is not None and id(p) in self._index}
+        trainable = {n: self._index[self._live[id(p)]] for n, p in params.items()
+                     if p is not None and self._live.get(id(p)) in self._index}
         rule.setup(act, tuple(trainable))
         out = rule.forward(tensors, params)
         if any(act) or trainable:
@@ -302,16 +315,18 @@ class CurvatureOperator:
 
     def matvec(self, v: Sequence[Tensor]) -> Vector:
         """The curvature times ``v`` (a list shaped like the parameters)."""
-        v = self._check(v)
+        return self._product(self._check(v), self.residuals)
+
+    def _product(self, v: Vector, residuals: bool) -> Vector:
         if not self._output_active:
             return [torch.zeros_like(p) for p in self.params]
         with torch.no_grad():
-            dirs = self._jvp_sweep(v, keep=self.residuals)
+            dirs = self._jvp_sweep(v, keep=residuals)
             d_out = dirs.get(self.graph.output.index)
             if d_out is None:
                 d_out = torch.zeros_like(self.output)
             u = self.loss_curvature.hvp(d_out)
-            return self._backward_sweep(u, dirs if self.residuals else None, v)
+            return self._backward_sweep(u, dirs if residuals else None, v)
 
     def __matmul__(self, v: Sequence[Tensor]) -> Vector:
         return self.matvec(v)
@@ -365,7 +380,7 @@ class CurvatureOperator:
                 else:
                     v = [torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
                          for p in self.params]
-                    contrib = [a * b for a, b in zip(v, GGN.matvec(self, v))]
+                    contrib = [a * b for a, b in zip(v, self._product(v, residuals=False))]
                 for t, c in zip(total, contrib):
                     t.add_(c)
         return [t / samples for t in total]

@@ -494,3 +494,41 @@ def test_cuda_matches_cpu():
         err = record("cuda-vs-cpu", rel_err([t.cpu() for t in out], cpu[cls]))
         assert err < 1e-10, err
     assert_state_equal(gpu_model, snap)
+
+
+@pytest.mark.parametrize("kind", ["GGN", "Hessian"])
+def test_operator_is_a_snapshot(kind):
+    """Moving the parameters or buffers after the build does not move the
+    operator: it is the curvature at the point where it was built."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(3 * 5 * 5, 4)).double()
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
+    op = getattr(hfopt, kind)(model, nn.CrossEntropyLoss(), x, y)
+    v = rand_vec(model)
+    before = op @ v
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        model[1].running_mean.add_(1.0)
+    after = op @ v
+    for a, b in zip(after, before):
+        assert torch.equal(a, b)
+
+
+def test_diagonal_estimate_of_hessian_operator_is_gauss_newton():
+    """For a loss without a closed form the estimate uses Hutchinson on the
+    Gauss-Newton product, also when the operator is a Hessian."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+
+    def loss(z, t):
+        return ((z - t) ** 4).mean()
+
+    H = hfopt.Hessian(model, loss, x, y)
+    G = hfopt.GGN(model, loss, x, y)
+    g1 = torch.Generator().manual_seed(0)
+    g2 = torch.Generator().manual_seed(0)
+    for a, b in zip(H.diagonal_estimate(5, g1), G.diagonal_estimate(5, g2)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)

@@ -20,7 +20,7 @@ def module_function(module: nn.Module, args: tuple, kwargs: dict) -> Callable:
     """``f(inputs, params)`` calling ``module`` functionally.  Buffers are cloned
     inside the call: a train-mode BatchNorm updates them in place, which the
     module's real buffers must not see and torch.func refuses on captured ones."""
-    buffers = dict(module.named_buffers())
+    buffers = {k: b.detach().clone() for k, b in module.named_buffers()}  # the state at build
     # An in-place module (nn.Hardswish(inplace=True)) would overwrite the input
     # the rule caches and differentiates at: it gets a copy.
     inplace = getattr(module, "inplace", False) is True
