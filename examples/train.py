@@ -1,0 +1,647 @@
+#!/usr/bin/env python
+"""Train a BatchNorm network on digits or CIFAR-10 with Hessian-free, SGD or Adam.
+
+Examples::
+
+    python examples/train.py                                   # HF, digits, digits_convnet_bn
+    python examples/train.py --optimizer sgd --lr 0.1 --epochs 30
+    python examples/train.py --data cifar10 --model c3d3_bn --optimizer hf \\
+        --cg-max-iterations 50 --curvature-batch 128 --time-budget 600
+    python examples/train.py --optimizer hf --epochs 40 --resume  # continue a run
+    tensorboard --logdir runs
+
+What is measured
+----------------
+* ``train/loss``, ``train/accuracy`` (per step, x = global step): the mini-batch
+  loss and accuracy *before* the step, in train mode.
+* ``train/epoch_loss``, ``train/epoch_accuracy`` (per epoch, x = epoch): one
+  full pass over the training set in eval mode at the epoch's final
+  parameters.  This is the "train loss" of the summary and of compare.py: it
+  is the objective at the current parameters, so it is comparable between
+  optimizers with different batch sizes, unlike a running mean over an
+  epoch of pre-step batch losses (logged too, as ``train/epoch_running_loss``).
+* ``val/*``, ``test/*`` (per epoch): the same pass over the validation and test
+  sets.  Epoch 0 is the initial model.  ``--eval-every K`` evaluates only
+  every K epochs (and at the end of the run), for fast first-order runs
+  whose epochs cost less than the evaluation.
+* Eval mode needs BatchNorm population statistics.  The running averages
+  (momentum 0.1, one update per training forward) are still dominated by
+  their initial values after the few dozen steps HF takes, which inflates
+  HF's eval-mode loss several-fold.  So, before every evaluation, a *copy*
+  of the model re-estimates them on ``--precise-bn`` (default 4096) training
+  samples ("precise BN"); training itself is untouched.  ``--precise-bn 0``
+  evaluates with the running averages.
+* ``time/wall`` (per step and, as ``time/epoch_wall``, per epoch): training
+  seconds so far, excluding evaluation, checkpointing and start-up.
+* ``final/*`` (x = global step): the evaluation at the end of the run, also
+  when it stopped mid-epoch (``--max-steps``, ``--time-budget``).
+* ``hf/*``: every numeric diagnostic of each Hessian-free step, logged by
+  :class:`hfopt.HFOptimizer` itself.
+
+The summary (printed as one JSON line and returned by :func:`main`) has the
+final ``train_loss``/``train_accuracy`` (the eval-mode pass above),
+``val_accuracy``, ``best_val_accuracy``, ``test_accuracy``, ``epochs``
+(fractional), ``steps``, ``seconds`` (training time of the whole run, resumed
+parts included), ``wall_seconds`` (this invocation, evaluation included),
+``stop_reason`` and the per-evaluation ``history``.
+
+Batch sizes: 128 for SGD and Adam; 512 for HF, which takes few expensive
+steps and whose curvature (and CG's solution) is only as good as the batch
+it is estimated on.  Unset HF options keep HFOptimizer's defaults.
+
+Threads: ``--threads`` sets torch's CPU threads.  On a machine with other
+load, oversubscribed threads can slow small models down several times;
+``--threads 1`` is then often the fastest choice.
+
+Checkpoints and resuming
+------------------------
+``<logdir>/checkpoint.pt`` is written after every ``--checkpoint-every``
+epochs and when the run ends, also mid-epoch.  It holds the model, optimizer,
+counters, elapsed training time, the history, the RNG states of
+torch/numpy/python, and the data loader generator's state at the start of
+the current epoch together with the number of batches already taken from
+it.  ``--resume`` restores all of it, so a resumed run produces bit-for-bit the
+same parameters and losses as an uninterrupted one (on the same device and
+thread count).  ``--epochs``, ``--max-steps`` and ``--time-budget`` count the
+whole run, resumed parts included, and may be raised when resuming.
+
+The training loop is deterministic: every RNG is seeded from ``--seed``, and
+the loader (``num_workers=0``) draws each epoch's shuffle from its own seeded
+``torch.Generator``.  The train/val/test split depends only on ``--data-seed``
+(default 0), so runs with different ``--seed`` see the same splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (also puts the repository root on sys.path)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Sampler, TensorDataset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from models import DEFAULT_INPUT, MODELS, build_model  # noqa: E402
+
+OPTIMIZERS = ("hf", "sgd", "adam")
+DATASETS = ("digits", "cifar10")
+DEFAULT_MODEL = {"digits": "digits_convnet_bn", "cifar10": "c3d3_bn"}
+# HF takes few, expensive steps whose curvature estimate improves with the
+# batch, so it gets bigger batches than the first-order methods.
+DEFAULT_BATCH_SIZE = {"hf": 512, "sgd": 128, "adam": 128}
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+# Arguments that define the training trajectory; --resume refuses to change them.
+TRAJECTORY_ARGS = (
+    "optimizer", "data", "model", "data_seed", "batch_size", "lr", "momentum", "weight_decay",
+    "seed", "curvature", "damping", "cg_max_iterations", "curvature_batch", "hf_option",
+    "precise_bn",
+)
+
+
+# --------------------------------------------------------------------------- arguments
+def _count_or_fraction(text: str):
+    """``"128"`` -> 128 (samples), ``"0.25"`` -> 0.25 (fraction of the batch)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a BatchNorm network with Hessian-free optimization, SGD or Adam.",
+        formatter_class=common.HelpFormatter,
+    )
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="hf", help="optimizer")
+    parser.add_argument("--data", choices=DATASETS, default="digits", help="data set")
+    parser.add_argument("--model", choices=sorted(MODELS), default=None,
+                        help="default: digits_convnet_bn for digits, c3d3_bn for cifar10")
+    parser.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR),
+                        help="folder holding cifar-10-batches-py (ignored for digits)")
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="seed of the train/val/test split (independent of --seed)")
+    parser.add_argument("--epochs", type=int, default=20, help="total epochs")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after this many optimizer steps in total")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="stop once this many seconds of training (evaluation excluded) have elapsed")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: 512 for hf, 128 for sgd and adam")
+    parser.add_argument("--eval-batch-size", type=int, default=1024, help="batch size of evaluation passes")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate of sgd/adam; default 0.1 for sgd, 1e-3 for adam")
+    parser.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="L2 penalty (sgd/adam: their weight_decay; hf: HFOptimizer's weight_decay)")
+    hf = parser.add_argument_group("Hessian-free options (unset ones keep HFOptimizer's defaults)")
+    hf.add_argument("--curvature", choices=("ggn", "hessian"), default=None,
+                    help="curvature matrix (HFOptimizer default: ggn)")
+    hf.add_argument("--damping", type=float, default=None, help="initial Tikhonov damping (default 1.0)")
+    hf.add_argument("--cg-max-iterations", type=int, default=None, help="CG iteration cap (default 250)")
+    hf.add_argument("--curvature-batch", type=_count_or_fraction, default=None,
+                    help="samples (int) or fraction (float in (0, 1]) of each batch used for "
+                         "curvature products (default: the whole batch)")
+    hf.add_argument("--hf-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other HFOptimizer keyword, VALUE as a Python literal; repeatable")
+    parser.add_argument("--precise-bn", type=int, default=4096, metavar="N",
+                        help="before each evaluation re-estimate the BatchNorm statistics on N training "
+                             "samples, in a copy of the model (0: use the running statistics)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, shuffles and HF sampling")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, one per core); on a busy "
+                             "machine 1 can be several times faster than oversubscribed cores")
+    parser.add_argument("--logdir", default=None,
+                        help="TensorBoard and checkpoint folder; default runs/<data>-<model>-<optimizer>-s<seed>")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from <logdir>/checkpoint.pt (starts fresh if there is none)")
+    parser.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS",
+                        help="evaluate every this many epochs (and at the end of the run)")
+    parser.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
+                        help="checkpoint every this many epochs (0: only at the end)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    if args.model is None:
+        args.model = DEFAULT_MODEL[args.data]
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH_SIZE[args.optimizer]
+    if args.lr is None and args.optimizer in DEFAULT_LR:
+        args.lr = DEFAULT_LR[args.optimizer]
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.logdir is None:
+        args.logdir = str(Path("runs") / f"{args.data}-{args.model}-{args.optimizer}-s{args.seed}")
+    for name in ("batch_size", "eval_batch_size", "eval_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.epochs < 0 or (args.max_steps is not None and args.max_steps < 0):
+        parser.error("--epochs and --max-steps must be >= 0")
+    if args.checkpoint_every < 0 or args.precise_bn < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--checkpoint-every and --precise-bn must be >= 0, --threads >= 1")
+    try:
+        hf_options(args)
+    except ValueError as err:
+        parser.error(str(err))
+    expected = DEFAULT_INPUT.get(args.model)
+    shape = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}[args.data]
+    if expected is not None and tuple(expected) != shape:
+        parser.error(f"model {args.model} expects {expected} inputs, but {args.data} images are {shape}; "
+                     f"try --model {DEFAULT_MODEL[args.data]}")
+    return args
+
+
+def hf_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for HFOptimizer: the explicit flags that were set plus --hf-option pairs."""
+    options: dict[str, Any] = {}
+    for name in ("curvature", "damping", "cg_max_iterations", "curvature_batch"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    options["weight_decay"] = args.weight_decay
+    for item in args.hf_option:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--hf-option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            options[key] = text.strip()  # a bare word such as ggn
+    return options
+
+
+# --------------------------------------------------------------------------- data
+class EpochBatches(Sampler):
+    """Yields one epoch of shuffled index batches per iteration.
+
+    The permutation is drawn from ``generator`` when iteration starts; the
+    first ``skip`` batches of it are then passed over (used once, to resume
+    mid-epoch).  A final batch of a single sample is dropped, because
+    BatchNorm cannot normalise one sample in train mode.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, generator: torch.Generator):
+        super().__init__()
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.generator = generator
+        self.skip = 0
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (1 if rest > 1 else 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.num_samples, generator=self.generator).tolist()
+        skip, self.skip = self.skip, 0
+        for b in range(skip, len(self)):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def on_device(dataset: TensorDataset, device: torch.device) -> TensorDataset:
+    return TensorDataset(*(t.to(device) for t in dataset.tensors))
+
+
+# --------------------------------------------------------------------------- randomness
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(cached)),
+        "python": (version, list(internal), gauss_next),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# --------------------------------------------------------------------------- model / optimizer
+def make_optimizer(args: argparse.Namespace, model: nn.Module, writer) -> torch.optim.Optimizer:
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                               weight_decay=args.weight_decay)
+    if args.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    import hfopt
+
+    if not hasattr(hfopt, "HFOptimizer"):
+        raise RuntimeError("this hfopt has no HFOptimizer; use --optimizer sgd or adam")
+    options = hf_options(args)
+    # HF's own sampling (the preconditioner's diagonal estimate) follows --seed
+    # too, when this HFOptimizer takes a seed.
+    if "seed" in inspect.signature(hfopt.HFOptimizer).parameters:
+        options.setdefault("seed", args.seed)
+    return hfopt.HFOptimizer(model.parameters(), writer=writer, **options)
+
+
+def train_step(optimizer, hessian_free: bool, model: nn.Module, loss_fn: nn.Module,
+               x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """One optimizer step; returns the batch loss and number correct before the step."""
+    first: dict[str, torch.Tensor] = {}
+
+    if hessian_free:
+        def closure():
+            outputs = model(x)
+            loss = loss_fn(outputs, y)
+            if not first:  # HF's first call is at the current parameters
+                first["loss"], first["outputs"] = loss.detach(), outputs.detach()
+            return loss, outputs
+    else:
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            outputs = model(x)
+            loss = loss_fn(outputs, y)
+            loss.backward()
+            if not first:
+                first["loss"], first["outputs"] = loss.detach(), outputs.detach()
+            return loss
+
+    optimizer.step(closure)
+    correct = int((first["outputs"].argmax(dim=1) == y).sum())
+    return float(first["loss"]), correct
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``dataset`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    inputs, targets = dataset.tensors
+    total, correct = 0.0, 0
+    for start in range(0, len(targets), batch_size):
+        out = model(inputs[start:start + batch_size])
+        y = targets[start:start + batch_size]
+        total += float(F.cross_entropy(out.float(), y, reduction="sum"))
+        correct += int((out.argmax(dim=1) == y).sum())
+    model.train(was_training)
+    n = max(len(targets), 1)
+    return total / n, correct / n
+
+
+@torch.no_grad()
+def precise_bn_copy(model: nn.Module, train_set: TensorDataset, samples: int, batch_size: int,
+                    generator_seed: int) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are re-estimated
+    (cumulative average) on ``samples`` training samples; ``model`` is untouched."""
+    clone = copy.deepcopy(model)
+    norms = [m for m in clone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return clone
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    clone.train()
+    inputs = train_set.tensors[0]
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(generator_seed))
+    order = order[:samples].to(inputs.device)
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        if len(index) > 1:
+            clone(inputs[index])
+    return clone
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    # weights_only: a checkpoint is plain tensors and containers, so loading one
+    # never runs code from the file.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is not a checkpoint of this script (version {checkpoint.get('version')})")
+    return checkpoint
+
+
+def check_resumable(saved: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+    current = vars(args)
+    changed = [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current.get(k)!r}"
+               for k in TRAJECTORY_ARGS if saved.get(k) != current.get(k)]
+    if changed:
+        raise ValueError(f"cannot resume {path} with different settings: " + "; ".join(changed))
+
+
+# --------------------------------------------------------------------------- training
+def _printable(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in summary.items() if k != "history"}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train as configured by ``args`` (see :func:`parse_args`) and return the summary."""
+    wall_start = time.perf_counter()
+    device = torch.device(args.device)
+    logdir = Path(args.logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = logdir / CHECKPOINT_NAME
+    show = not args.quiet
+
+    checkpoint = None
+    if args.resume:
+        if checkpoint_path.is_file():
+            checkpoint = load_checkpoint(checkpoint_path)
+            check_resumable(checkpoint["args"], args, checkpoint_path)
+        elif show:
+            print(f"no checkpoint in {logdir}; starting from scratch", file=sys.stderr)
+    elif checkpoint_path.is_file() and show:
+        print(f"replacing the run in {logdir} (pass --resume to continue it instead)", file=sys.stderr)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+    data = common.load_data(args.data, args.data_dir, args.data_seed)
+    train_set, val_set, test_set = (on_device(data[k], device) for k in ("train", "val", "test"))
+    model = build_model(args.model, num_classes=data["num_classes"]).to(device)
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    # purge_step hides events a previous (crashed or overwritten) run logged
+    # at or after the step this run starts from.
+    start_step = int(checkpoint["state"]["global_step"]) if checkpoint else 0
+    writer = SummaryWriter(log_dir=str(logdir), purge_step=start_step)
+    optimizer = make_optimizer(args, model, writer)
+    hessian_free = args.optimizer == "hf"
+
+    generator = torch.Generator().manual_seed(args.seed)
+    batches = EpochBatches(len(train_set), args.batch_size, generator)
+    if len(batches) == 0:
+        raise ValueError(f"the training set has {len(train_set)} samples: too few for a batch")
+    loader = DataLoader(train_set, sampler=batches, batch_size=None, num_workers=0)
+    steps_per_epoch = len(batches)
+
+    state: dict[str, Any] = {
+        "epoch": 0,               # completed epochs
+        "batch_in_epoch": 0,      # batches of the current epoch already trained on
+        "global_step": 0,
+        "train_time": 0.0,
+        "history": [],            # one record per evaluation (epoch 0 = initial model)
+        "running": {"loss": 0.0, "correct": 0, "count": 0},
+        "hf": {"steps": 0, "rejected": 0, "cg_iterations": 0, "curvature_products": 0},
+    }
+    loader_state = generator.get_state()  # generator state at the start of the current epoch
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state.update(checkpoint["state"])
+        # An end-of-run evaluation off the --eval-every schedule (e.g. mid-epoch)
+        # is not part of an uninterrupted run.
+        state["history"] = [r for r in state["history"] if not r["off_schedule"]]
+        loader_state = checkpoint["loader_generator"]
+        generator.set_state(loader_state)
+        set_rng_state(checkpoint["rng"])
+
+    def evaluate_all(off_schedule: bool) -> dict[str, Any]:
+        eval_model = model
+        if args.precise_bn:
+            eval_model = precise_bn_copy(model, train_set, args.precise_bn, args.eval_batch_size,
+                                         args.seed)
+        train_loss, train_acc = evaluate(eval_model, train_set, args.eval_batch_size)
+        val_loss, val_acc = evaluate(eval_model, val_set, args.eval_batch_size)
+        test_loss, test_acc = evaluate(eval_model, test_set, args.eval_batch_size)
+        running = state["running"]
+        count = running["count"]
+        return {
+            "epoch": state["epoch"] + state["batch_in_epoch"] / steps_per_epoch,
+            "step": state["global_step"],
+            "time": state["train_time"],
+            "train_loss": train_loss, "train_accuracy": train_acc,
+            "running_loss": running["loss"] / count if count else math.nan,
+            "running_accuracy": running["correct"] / count if count else math.nan,
+            "val_loss": val_loss, "val_accuracy": val_acc,
+            "test_loss": test_loss, "test_accuracy": test_acc,
+            "off_schedule": off_schedule,
+        }
+
+    def log_epoch(record: dict[str, Any]) -> None:
+        epoch = state["epoch"]
+        writer.add_scalar("train/epoch_loss", record["train_loss"], epoch)
+        writer.add_scalar("train/epoch_accuracy", record["train_accuracy"], epoch)
+        for split in ("val", "test"):
+            writer.add_scalar(f"{split}/loss", record[f"{split}_loss"], epoch)
+            writer.add_scalar(f"{split}/accuracy", record[f"{split}_accuracy"], epoch)
+        writer.add_scalar("time/epoch_wall", record["time"], epoch)
+        if show:
+            tqdm.write(f"epoch {epoch:4d}  step {record['step']:6d}  {record['time']:8.1f}s  "
+                       f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
+                       f"val acc {record['val_accuracy']:.4f}  test acc {record['test_accuracy']:.4f}")
+
+    def log_running() -> None:
+        running = state["running"]
+        if running["count"]:
+            writer.add_scalar("train/epoch_running_loss", running["loss"] / running["count"], state["epoch"])
+            writer.add_scalar("train/epoch_running_accuracy", running["correct"] / running["count"],
+                              state["epoch"])
+
+    def checkpoint_now() -> None:
+        save_checkpoint(checkpoint_path, {
+            "version": CHECKPOINT_VERSION,
+            "args": {k: v for k, v in vars(args).items()},
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "state": state,
+            "loader_generator": loader_state,
+            "rng": rng_state(),
+        })
+
+    if not state["history"]:
+        record = evaluate_all(off_schedule=False)
+        state["history"].append(record)
+        log_epoch(record)
+
+    def limit_reached() -> Optional[str]:
+        if args.max_steps is not None and state["global_step"] >= args.max_steps:
+            return "max_steps"
+        if args.time_budget is not None and state["train_time"] >= args.time_budget:
+            return "time_budget"
+        return None
+
+    planned = args.epochs * steps_per_epoch
+    if args.max_steps is not None:
+        planned = min(planned, args.max_steps)
+    bar = tqdm(total=planned, initial=min(state["global_step"], planned), unit="step",
+               disable=not (show and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
+    stop_reason = "epochs"
+    while state["epoch"] < args.epochs:
+        reason = limit_reached()
+        if reason:
+            stop_reason = reason
+            break
+        loader_state = generator.get_state()  # the permutation is drawn on the first batch
+        batches.skip = state["batch_in_epoch"]
+        batch_iter = iter(loader)
+        running = state["running"]
+        while state["batch_in_epoch"] < steps_per_epoch:
+            start = time.perf_counter()
+            x, y = next(batch_iter)
+            loss, correct = train_step(optimizer, hessian_free, model, loss_fn, x, y)
+            state["train_time"] += time.perf_counter() - start
+            state["global_step"] += 1
+            state["batch_in_epoch"] += 1
+            step = state["global_step"]
+            running["loss"] += loss * len(y)
+            running["correct"] += correct
+            running["count"] += len(y)
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/accuracy", correct / len(y), step)
+            writer.add_scalar("time/wall", state["train_time"], step)
+            if hessian_free:
+                info = getattr(optimizer, "last_step", None) or {}
+                state["hf"]["steps"] += 1
+                state["hf"]["rejected"] += int(not info.get("accepted", True))
+                state["hf"]["cg_iterations"] += int(info.get("cg_iterations", 0) or 0)
+                state["hf"]["curvature_products"] += int(info.get("curvature_products", 0) or 0)
+            bar.update(1)
+            bar.set_postfix(epoch=state["epoch"] + 1, loss=f"{loss:.4f}", refresh=False)
+            if not math.isfinite(loss):
+                stop_reason = "diverged"
+                break
+            reason = limit_reached()
+            if reason:
+                stop_reason = reason
+                break
+        if state["batch_in_epoch"] == steps_per_epoch:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            log_running()
+            if state["epoch"] % args.eval_every == 0 or state["epoch"] == args.epochs:
+                record = evaluate_all(off_schedule=False)
+                state["history"].append(record)
+                log_epoch(record)
+            state["running"] = {"loss": 0.0, "correct": 0, "count": 0}
+            loader_state = generator.get_state()
+            if args.checkpoint_every and state["epoch"] % args.checkpoint_every == 0:
+                checkpoint_now()
+        if stop_reason != "epochs":
+            break
+    bar.close()
+
+    last = state["history"][-1]
+    if last["step"] != state["global_step"] or last["off_schedule"]:
+        last = evaluate_all(off_schedule=True)
+        state["history"].append(last)
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"):
+        writer.add_scalar(f"final/{key}", last[key], state["global_step"])
+    checkpoint_now()
+    writer.close()
+
+    history = state["history"]
+    summary: dict[str, Any] = {
+        "optimizer": args.optimizer, "model": args.model, "data": args.data, "seed": args.seed,
+        "batch_size": args.batch_size, "lr": args.lr if args.optimizer != "hf" else None,
+        "epochs": last["epoch"], "steps": state["global_step"], "seconds": state["train_time"],
+        "wall_seconds": time.perf_counter() - wall_start,
+        "initial_train_loss": history[0]["train_loss"],
+        "train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"],
+        "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
+        "best_val_accuracy": max(r["val_accuracy"] for r in history),
+        "test_loss": last["test_loss"], "test_accuracy": last["test_accuracy"],
+        "stop_reason": stop_reason, "logdir": str(logdir),
+    }
+    if hessian_free:
+        hf_stats = state["hf"]
+        summary["hf_steps_rejected"] = hf_stats["rejected"]
+        summary["hf_mean_cg_iterations"] = hf_stats["cg_iterations"] / max(hf_stats["steps"], 1)
+        info = getattr(optimizer, "last_step", None) or {}
+        if "damping" in info:
+            summary["hf_final_damping"] = float(info["damping"])
+    print("summary " + json.dumps(common.to_jsonable(_printable(summary))))
+    summary["history"] = history
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Command-line entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns the summary dict."""
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
