@@ -99,25 +99,25 @@ class BatchNormRule(Rule):
         self.bshape = (1, C) + (1,) * (x.dim() - 2)
         self.m = x.numel() // C
         self.shape = x.shape
-        if self.batch_stats:
-            if self.m == 1:
-                # Same message PyTorch raises for a one-value channel.
-                raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-            mean, var = channel_moments(x) if use_kernels(x) else \
-                torch.var_mean(x, self.dims, correction=0)[::-1]
+        if self.batch_stats and self.m == 1:
+            # Same message PyTorch raises for a one-value channel.
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+        self.gamma = params.get("weight")
+        beta = params.get("bias")
+        y = None
+        if use_kernels(x):  # statistics, then xh and y in one pass over x
+            mean, var = channel_moments(x) if self.batch_stats else (self.running_mean, self.running_var)
+            self.invstd = torch.rsqrt(var + self.eps)
+            xh, y = channel_normalize(x, mean, self.invstd, self.gamma, beta)
+        elif self.batch_stats:
+            # ATen's fused batch norm without affine: xh, and the invstd it used.
+            xh, _, self.invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
         else:
-            mean, var = self.running_mean, self.running_var
-        self.invstd = torch.rsqrt(var + self.eps)
+            self.invstd = torch.rsqrt(self.running_var + self.eps)
+            xh = (x - self._c(self.running_mean)) * self._c(self.invstd)
         self._zeros, self._ones = torch.zeros_like(self.invstd), torch.ones_like(self.invstd)
         self._dx = None
-        self.gamma = params.get("weight")
         self.A = self.invstd if self.gamma is None else self.gamma * self.invstd
-        beta = params.get("bias")
-        if use_kernels(x):  # xh and y in one pass over x
-            xh, y = channel_normalize(x, mean, self.invstd, self.gamma, beta)
-        else:
-            xh = (x - self._c(mean)) * self._c(self.invstd)
-            y = None
         # Eval mode needs xh only for gamma's products; train mode always.
         self.xh = xh if (self.batch_stats or "weight" in self.trainable) else None
         self._g = None
@@ -184,11 +184,20 @@ class BatchNormRule(Rule):
             rgamma = None if dx is None else self._sums(g, dx)[0] * (self.m * inv)
             return None, Q, None, None, rgamma
         gm, a = self._g_stats(g)
-        k = self.A * inv  # gamma * invstd^2
-        P = Q = R = S = rgamma = None
+        stats = None
         if dx is not None:
             b, d = self._dx_sums(dx)
-            c = self._sums(g, dx)[0]
+            stats = (d, b, self._sums(g, dx)[0])
+        return self.coefficients(gm, a, stats, dg)
+
+    def coefficients(self, gm: Tensor, a: Tensor, stats, dg: Optional[Tensor]):
+        """Train mode: ``P, Q, R, S, rgamma`` from the channel means ``gm = <g>``,
+        ``a = <xh g>`` and ``stats = (<dx>, <xh dx>, <g dx>)`` (None: no ``dx``)."""
+        inv = self.invstd
+        k = self.A * inv  # gamma * invstd^2
+        P = Q = R = S = rgamma = None
+        if stats is not None:
+            d, b, c = stats
             P = -k * a
             Q = -k * b
             R = k * (3 * a * b - c + gm * d)

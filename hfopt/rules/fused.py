@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .activations import ReLURule
 from .base import Grads, Rule
-from .batchnorm import BatchNormRule
+from .batchnorm import BatchNormRule, _sub
 from .pooling import MaxPoolRule
 
 
@@ -120,10 +120,50 @@ class BNReLUMaxPoolRule(ReLUMaxPoolRule):
         return self.pool.vjp(self._mask(t.reshape(self.y.shape)).view(self.out_shape), [True], ())[0][0]
 
     def hessian_vjp(self, h, g, din, dparams, need_inputs, need_params) -> Grads:
-        if self._g is not g:  # the gradient is fixed for the operator's lifetime
-            self._g, self._g_bn = g, self._expand(g)
-        h_bn = None if h is None else self._expand(h)
-        return self.bn.hessian_vjp(h_bn, self._g_bn, din, dparams, need_inputs, need_params)
+        bn = self.bn
+        if not bn.batch_stats:  # eval mode: only the mixed term, on dense cotangents
+            if self._g is not g:  # the gradient is fixed for the operator's lifetime
+                self._g, self._g_bn = g, self._expand(g)
+            h_bn = None if h is None else self._expand(h)
+            return bn.hessian_vjp(h_bn, self._g_bn, din, dparams, need_inputs, need_params)
+        # Train mode: g and h reach BatchNorm's output only at the pooled positions,
+        # so every term in them is computed there and scattered once.
+        if self._g is not g:
+            g_p = self._mask(g.reshape(self.y.shape))
+            self._g, self._g_p = g, g_p
+            self._g_means = (g_p.sum((0, 2)) / bn.m, (g_p * self.xh_p).sum((0, 2)) / bn.m)
+        gm, a = self._g_means
+        dx, dg = din[0], dparams.get("weight")
+        stats = None
+        if dx is not None:
+            b, d = bn._dx_sums(dx)
+            stats = (d, b, (self._g_p * self._gather(dx)).sum((0, 2)) / bn.m)
+        P, Q, R, S, rgamma = bn.coefficients(gm, a, stats, dg)
+        gp = {}
+        sparse = None
+        if h is not None:
+            h_p = self._mask(h.reshape(self.y.shape))
+            s_h, s_xh = h_p.sum((0, 2)), (h_p * self.xh_p).sum((0, 2))
+            if "weight" in need_params:
+                gp["weight"] = s_xh
+            if "bias" in need_params:
+                gp["bias"] = s_h
+            if need_inputs[0]:  # J^T h = A h - A <xh h> xh - A <h>
+                R = _sub(R, bn.A * s_xh / bn.m)
+                S = _sub(S, bn.A * s_h / bn.m)
+                sparse = h_p * self._c(bn.A)
+        if "weight" in need_params and rgamma is not None:
+            gp["weight"] = rgamma if gp.get("weight") is None else gp["weight"] + rgamma
+        if not need_inputs[0]:
+            return [None], gp
+        if Q is not None:
+            t = self._g_p * self._c(Q)
+            sparse = t if sparse is None else sparse.add_(t)
+        terms = [(t, c) for t, c in ((dx, P), (bn.xh, R)) if t is not None and c is not None]
+        dense = bn._affine(None, terms, S) if (terms or S is not None) else bn.xh.new_zeros(bn.shape)
+        if sparse is not None:
+            dense.view(self.idx.shape[:2] + (-1,)).scatter_add_(-1, self.idx, sparse)
+        return [dense], gp
 
     def residual(self, g, din, dparams, need_inputs, need_params) -> Grads:
         return self.hessian_vjp(None, g, din, dparams, need_inputs, need_params)
