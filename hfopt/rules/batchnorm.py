@@ -55,12 +55,19 @@ class BatchNormRule(Rule):
         """Per-channel vector -> broadcastable against the input."""
         return coef.view(self.bshape)
 
+    # Made per call, not cached: the operator's cache stays as small as autograd's.
+    def _zeros(self) -> Tensor:
+        return torch.zeros_like(self.invstd)
+
+    def _ones(self) -> Tensor:
+        return torch.ones_like(self.invstd)
+
     def _bn_backward(self, t: Tensor, u: Tensor, scale: Optional[Tensor], mask):
         """ATen's fused batch-norm backward kernel as a primitive: with zero mean
         and unit invstd it returns ``scale (t - <t> - u <u t>)``, ``sum(t u)`` and
         ``sum(t)`` in one pass over the data."""
         return torch.ops.aten.native_batch_norm_backward(
-            t, u, scale, None, None, self._zeros, self._ones, True, 0.0, mask)
+            t, u, scale, None, None, self._zeros(), self._ones(), True, 0.0, mask)
 
     def _sums(self, t: Tensor, u: Tensor):
         """``<t u>`` and ``<t>`` per channel."""
@@ -78,7 +85,7 @@ class BatchNormRule(Rule):
     def _affine(self, out: Optional[Tensor], terms, const: Optional[Tensor]) -> Tensor:
         """``out + sum coef_c * tensor + const_c``, accumulating in place."""
         if terms and use_kernels(terms[0][0]):  # one pass over all terms, in place into out
-            return channel_affine(list(terms) if out is None else [(out, self._ones)] + list(terms), const, out=out)
+            return channel_affine(list(terms) if out is None else [(out, self._ones())] + list(terms), const, out=out)
         for t, c in terms:
             if out is None:
                 out = t * self._c(c)
@@ -115,7 +122,6 @@ class BatchNormRule(Rule):
         else:
             self.invstd = torch.rsqrt(self.running_var + self.eps)
             xh = (x - self._c(self.running_mean)) * self._c(self.invstd)
-        self._zeros, self._ones = torch.zeros_like(self.invstd), torch.ones_like(self.invstd)
         self._dx = None
         self.A = self.invstd if self.gamma is None else self.gamma * self.invstd
         # Eval mode needs xh only for gamma's products; train mode always.
