@@ -33,7 +33,8 @@ from .rules.base import add_optional
 from .rules.activations import ReLURule
 from .rules.batchnorm import BatchNormRule
 from .rules.fallback import FallbackRule
-from .rules.fused import BNReLUMaxPoolRule, ReLUMaxPoolRule
+from .rules.conv import ConvRule
+from .rules.fused import BNReLUMaxPoolRule, DataConvBNReLUMaxPoolRule, ReLUMaxPoolRule
 from .rules.pooling import MaxPoolRule
 from .rules.shape import substitute
 
@@ -199,8 +200,9 @@ class CurvatureOperator:
                       "for it (exact, slower)", stacklevel=5)  # the caller of GGN(...)/Hessian(...)
 
     def _fuse(self) -> None:
-        """Replace runs ``BatchNorm -> ReLU -> MaxPool`` and ``ReLU -> MaxPool``
-        whose intermediate values feed nothing else by one fused rule
+        """Replace runs ``Conv(data) -> BatchNorm -> ReLU -> MaxPool``,
+        ``BatchNorm -> ReLU -> MaxPool`` and ``ReLU -> MaxPool`` whose
+        intermediate values feed nothing else by one fused rule
         (:mod:`hfopt.rules.fused`)."""
         uses: Dict[int, int] = {}
         for step in self.steps:
@@ -218,6 +220,19 @@ class CurvatureOperator:
                 return None
             return prev
 
+        def producer_conv_on_data(bn: _Step) -> Optional[_Step]:
+            """A convolution of the data (no direction) feeding a train-mode BatchNorm."""
+            rule = bn.rule
+            if not (rule.batch_stats and rule.xh is not None and len(bn.refs) == 1):
+                return None
+            prev = by_node.get(bn.refs[0])
+            if prev is None or type(prev.rule) is not ConvRule or uses.get(prev.node) != 1 or any(prev.active):
+                return None
+            conv = prev.rule
+            if "weight" not in prev.params or conv.groups != 1 or conv.dim not in (1, 2):
+                return None
+            return prev
+
         removed = set()
         for step in self.steps:
             # The fused rules index [N, C, positions]: batched inputs only (an
@@ -228,7 +243,14 @@ class CurvatureOperator:
             if relu is None:
                 continue
             bn = producer(relu, BatchNormRule)
-            if bn is not None:
+            conv = producer_conv_on_data(bn) if bn is not None else None
+            if conv is not None:
+                step.rule = DataConvBNReLUMaxPoolRule(conv.rule, bn.rule, relu.rule, step.rule)
+                step.refs, step.active = conv.refs, conv.active
+                step.params = {**{f"conv.{n}": i for n, i in conv.params.items()},
+                               **{f"bn.{n}": i for n, i in bn.params.items()}}
+                removed.update((relu.node, bn.node, conv.node))
+            elif bn is not None:
                 step.rule = BNReLUMaxPoolRule(bn.rule, relu.rule, step.rule)
                 step.refs, step.active, step.params = bn.refs, bn.active, bn.params
                 removed.update((relu.node, bn.node))

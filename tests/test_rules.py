@@ -357,10 +357,12 @@ def test_frozen_parameters():
 
 
 # ----------------------------------------------------------------------------- fused runs
-def _fused_model(dim, bn, pool, affine=True, frozen_gamma=False):
-    conv = nn.Conv2d(2, 3, 3, padding=1) if dim == 2 else nn.Conv1d(2, 3, 3, padding=1)
+def _fused_model(dim, bn, pool, affine=True, frozen_gamma=False, first=True):
+    conv_cls = nn.Conv2d if dim == 2 else nn.Conv1d
+    conv = conv_cls(2, 3, 3, padding=1)
     bnl = (nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d)(3, affine=affine)
-    layers = [conv] + ([bnl] if bn else []) + [nn.ReLU(), pool, nn.Flatten()]
+    # first=False puts a layer in front, so the convolution's input carries a direction.
+    layers = ([] if first else [conv_cls(2, 2, 1)]) + [conv] + ([bnl] if bn else []) + [nn.ReLU(), pool, nn.Flatten()]
     in_shape = (2, 7, 6) if dim == 2 else (2, 9)
     body = nn.Sequential(*layers)
     with torch.no_grad():
@@ -380,25 +382,29 @@ FUSED_POOLS = {
 }
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["on-data", "inner"])
 @pytest.mark.parametrize("variant", ["bn", "bn-noaffine", "bn-frozen-gamma", "relu-only"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("pool", list(FUSED_POOLS))
-def test_fused_relu_maxpool(pool, train, variant):
-    """The fused BatchNorm->ReLU->MaxPool and ReLU->MaxPool rules: exact, used, and
-    equal to the per-layer rules (fuse=False)."""
-    from hfopt.rules.fused import BNReLUMaxPoolRule, ReLUMaxPoolRule
+def test_fused_relu_maxpool(pool, train, variant, first):
+    """The fused Conv(data)->BatchNorm->ReLU->MaxPool, BatchNorm->ReLU->MaxPool and
+    ReLU->MaxPool rules: exact, used, and equal to the per-layer rules (fuse=False)."""
+    from hfopt.rules.fused import BNReLUMaxPoolRule, DataConvBNReLUMaxPoolRule, ReLUMaxPoolRule
     dim, make_pool = FUSED_POOLS[pool]
     model, x = _fused_model(dim, variant != "relu-only", make_pool(), affine=variant != "bn-noaffine",
-                            frozen_gamma=variant == "bn-frozen-gamma")
+                            frozen_gamma=variant == "bn-frozen-gamma", first=first)
     model.train(train)
     y = labels(4, 3)
     ops = check_exact(model, CE, x, y, tag="-fused")["ops"]
-    want = ReLUMaxPoolRule if variant == "relu-only" else BNReLUMaxPoolRule
+    if variant == "relu-only":
+        want = ReLUMaxPoolRule
+    else:  # the convolution joins only on the data, with train-mode statistics
+        want = DataConvBNReLUMaxPoolRule if (first and train) else BNReLUMaxPoolRule
     v = rand_vec(model, 7)
     for kind, op in ops.items():
         assert any(type(s.rule) is want for s in op.steps), [type(s.rule).__name__ for s in op.steps]
         plain = type(op)(model, CE, x, y, fuse=False)
-        assert not any(type(s.rule) in (BNReLUMaxPoolRule, ReLUMaxPoolRule) for s in plain.steps)
+        assert not any(isinstance(s.rule, ReLUMaxPoolRule) for s in plain.steps)
         err = record("fused-vs-unfused", rel_err(op @ v, plain @ v))
         assert err < 1e-13, err
 
@@ -733,3 +739,23 @@ def test_fallback_untraceable_model(train, sign):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         check_exact(model, CE, x, y, tag="-fallback")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("conv_kw", [dict(stride=2, padding=2, dilation=2), dict(padding=0)], ids=["s2d2", "valid"])
+def test_fused_conv_on_data_geometry(conv_kw, bias):
+    """The first-layer fusion's precomputed contractions (K1, patch sums, patch
+    Gram) under stride, dilation, padding and without a conv bias."""
+    from hfopt.rules.fused import DataConvBNReLUMaxPoolRule
+    layers = [nn.Conv2d(2, 3, 3, bias=bias, **conv_kw), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+              nn.Flatten()]
+    with torch.no_grad():
+        n = nn.Sequential(*layers)(torch.zeros(2, 2, 11, 10)).shape[1]
+    model = make(nn.Sequential(*layers, nn.Linear(n, 3)))
+    x, y = randn(5, 2, 11, 10), labels(5, 3)
+    ops = check_exact(model, CE, x, y, tag="-fused")["ops"]
+    v = rand_vec(model, 3)
+    for op in ops.values():
+        assert type(op.steps[0].rule) is DataConvBNReLUMaxPoolRule
+        plain = type(op)(model, CE, x, y, fuse=False)
+        assert rel_err(op @ v, plain @ v) < 1e-13

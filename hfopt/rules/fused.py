@@ -74,14 +74,22 @@ class BNReLUMaxPoolRule(ReLUMaxPoolRule):
         return coef.view(1, -1, 1)
 
     def jvp(self, din: Sequence[Optional[Tensor]], dparams: Mapping[str, Tensor]) -> Tensor:
-        bn, dx = self.bn, din[0]
-        dg, db = dparams.get("weight"), dparams.get("bias")
+        dx = din[0]
+        if dx is None:
+            return self._pooled_jvp(None, None, dparams.get("weight"), dparams.get("bias"))
+        means = self.bn._dx_sums(dx) if self.bn.batch_stats else None
+        return self._pooled_jvp(self._gather(dx), means, dparams.get("weight"), dparams.get("bias"))
+
+    def _pooled_jvp(self, dx_p: Optional[Tensor], means, dg: Optional[Tensor], db: Optional[Tensor]) -> Tensor:
+        """The JVP on the pooled positions from the gathered input direction
+        ``dx_p`` and its channel means ``(<xh dx>, <dx>)`` (train mode)."""
+        bn = self.bn
         cxh, const = dg, db
         out = None
-        if dx is not None:
-            out = self._gather(dx) * self._c(bn.A)
-            if bn.batch_stats:
-                b, d = bn._dx_sums(dx)
+        if dx_p is not None:
+            out = dx_p * self._c(bn.A)
+            if means is not None:
+                b, d = means
                 cxh = -bn.A * b if cxh is None else cxh - bn.A * b
                 const = -bn.A * d if const is None else const - bn.A * d
         if cxh is not None:
@@ -126,44 +134,189 @@ class BNReLUMaxPoolRule(ReLUMaxPoolRule):
                 self._g, self._g_bn = g, self._expand(g)
             h_bn = None if h is None else self._expand(h)
             return bn.hessian_vjp(h_bn, self._g_bn, din, dparams, need_inputs, need_params)
-        # Train mode: g and h reach BatchNorm's output only at the pooled positions,
-        # so every term in them is computed there and scattered once.
-        if self._g is not g:
+        dx = din[0]
+        dx_p = None if dx is None else self._gather(dx)
+        means = None if dx is None else bn._dx_sums(dx)
+        P, R, S, sparse, gp = self._pooled_hessian(h, g, dx_p, means, dparams.get("weight"), need_params)
+        if not need_inputs[0]:
+            return [None], gp
+        terms = [(t, c) for t, c in ((dx, P), (bn.xh, R)) if t is not None and c is not None]
+        dense = bn._affine(None, terms, S) if (terms or S is not None) else bn.xh.new_zeros(bn.shape)
+        if sparse is not None:
+            dense.view(self.idx.shape[:2] + (-1,)).scatter_add_(-1, self.idx, sparse)
+        return [dense], gp
+
+    def _pooled_hessian(self, h, g, dx_p, means, dg, need_params):
+        """Train mode: BatchNorm's Hessian backward step as
+        ``rx = P dx + R xh + S + scatter(sparse)``.  ``g`` and ``h`` reach
+        BatchNorm's output only at the pooled positions, so every term in them is
+        computed there and scattered once."""
+        bn = self.bn
+        if self._g is not g:  # the gradient is fixed for the operator's lifetime
             g_p = self._mask(g.reshape(self.y.shape))
             self._g, self._g_p = g, g_p
             self._g_means = (g_p.sum((0, 2)) / bn.m, (g_p * self.xh_p).sum((0, 2)) / bn.m)
         gm, a = self._g_means
-        dx, dg = din[0], dparams.get("weight")
         stats = None
-        if dx is not None:
-            b, d = bn._dx_sums(dx)
-            stats = (d, b, (self._g_p * self._gather(dx)).sum((0, 2)) / bn.m)
+        if dx_p is not None:
+            b, d = means
+            stats = (d, b, (self._g_p * dx_p).sum((0, 2)) / bn.m)
         P, Q, R, S, rgamma = bn.coefficients(gm, a, stats, dg)
         gp = {}
         sparse = None
-        if h is not None:
+        if h is not None:  # J^T h = A h - A <xh h> xh - A <h>
             h_p = self._mask(h.reshape(self.y.shape))
             s_h, s_xh = h_p.sum((0, 2)), (h_p * self.xh_p).sum((0, 2))
             if "weight" in need_params:
                 gp["weight"] = s_xh
             if "bias" in need_params:
                 gp["bias"] = s_h
-            if need_inputs[0]:  # J^T h = A h - A <xh h> xh - A <h>
-                R = _sub(R, bn.A * s_xh / bn.m)
-                S = _sub(S, bn.A * s_h / bn.m)
-                sparse = h_p * self._c(bn.A)
+            R = _sub(R, bn.A * s_xh / bn.m)
+            S = _sub(S, bn.A * s_h / bn.m)
+            sparse = h_p * self._c(bn.A)
         if "weight" in need_params and rgamma is not None:
             gp["weight"] = rgamma if gp.get("weight") is None else gp["weight"] + rgamma
-        if not need_inputs[0]:
-            return [None], gp
         if Q is not None:
             t = self._g_p * self._c(Q)
             sparse = t if sparse is None else sparse.add_(t)
-        terms = [(t, c) for t, c in ((dx, P), (bn.xh, R)) if t is not None and c is not None]
-        dense = bn._affine(None, terms, S) if (terms or S is not None) else bn.xh.new_zeros(bn.shape)
+        return P, R, S, sparse, gp
+
+    def residual(self, g, din, dparams, need_inputs, need_params) -> Grads:
+        return self.hessian_vjp(None, g, din, dparams, need_inputs, need_params)
+
+
+class DataConvBNReLUMaxPoolRule(BNReLUMaxPoolRule):
+    """``maxpool(relu(batchnorm(conv(x))))`` with ``x`` the data (no direction),
+    BatchNorm in train mode: the first layer of a convnet.
+
+    The convolution output ``dx = conv(x, dW) + db`` is linear in the weight
+    direction with ``x`` fixed, so every channel sum BatchNorm needs of it, and
+    every weight cotangent of a per-channel affine of ``xh``, is a small
+    contraction with quantities computed once at build:
+    ``K1[c] = sum xh_c * patch`` and ``s_patch = sum patch`` (weight-shaped), and
+    for the Hessian the patch Gram matrix ``M = sum patch patch^T``.  Only the
+    convolution itself and the scattered pooled cotangent touch full-size data.
+    """
+
+    def __init__(self, conv, bn: BatchNormRule, relu: ReLURule, pool: MaxPoolRule):
+        super().__init__(bn, relu, pool)
+        self.conv = conv
+        self.param_names = tuple(f"conv.{n}" for n in conv.trainable) + tuple(f"bn.{n}" for n in bn.trainable)
+        self.active = [False]
+        self.trainable = self.param_names
+        x, xh, w = conv.x, bn.xh, conv.weight
+        self.K1 = conv._backward(xh, x, w, (False, True, False))[1]
+        self.s_patch = conv._backward(torch.ones_like(xh[:, :1]), x, w[:1], (False, True, False))[1][0]
+        self.sum_xh = xh.sum(bn.dims)
+        self._gram = None
+        self._dx_p = self._dx_means = None
+
+    def has_residual(self) -> bool:
+        return True
+
+    def _patch_gram(self) -> Tensor:
+        """``M = sum over positions of patch patch^T`` (Hessian only)."""
+        if self._gram is None:
+            conv = self.conv
+            x = conv.x if conv.dim == 2 else conv.x.unsqueeze(-2)
+            pad = conv.padding if conv.dim == 2 else (0,) + tuple(conv.padding)
+            k = self.conv.weight.shape[2:] if conv.dim == 2 else (1,) + tuple(self.conv.weight.shape[2:])
+            expand = (lambda t: t) if conv.dim == 2 else (lambda t: (1,) + tuple(t))
+            cols = torch.nn.functional.unfold(x, tuple(k), expand(conv.dilation), pad, expand(conv.stride))
+            self._gram = torch.einsum("npl,nql->pq", cols, cols)
+        return self._gram
+
+    def _split(self, dparams: Mapping[str, Tensor]):
+        return (dparams.get("conv.weight"), dparams.get("conv.bias"),
+                dparams.get("bn.weight"), dparams.get("bn.bias"))
+
+    def _dot(self, a: Tensor, w: Tensor) -> Tensor:
+        """Per output channel ``<a[c], w[c]>`` over a weight-shaped pair."""
+        return (a * w).flatten(1).sum(1)
+
+    def jvp(self, din, dparams) -> Tensor:
+        dw, db, dg, dbeta = self._split(dparams)
+        if dw is None and db is None:
+            self._dx_p = self._dx_means = None
+            return self._pooled_jvp(None, None, dg, dbeta)
+        bn = self.bn
+        if dw is not None:
+            dx = self.conv._conv(self.conv.x, dw, db)
+            s_dx = self._dot(self.s_patch.expand_as(dw), dw)
+            s_xh_dx = self._dot(self.K1, dw)
+        else:
+            dx = db.view(1, -1, *([1] * self.conv.dim)).expand(bn.shape)
+            s_dx = torch.zeros_like(db)
+            s_xh_dx = torch.zeros_like(db)
+        if db is not None:
+            s_dx = s_dx + bn.m * db
+            s_xh_dx = s_xh_dx + db * self.sum_xh
+        self._dx_p = self._gather(dx)
+        self._dx_means = (s_xh_dx / bn.m, s_dx / bn.m)
+        self._dw, self._db = dw, db
+        return self._pooled_jvp(self._dx_p, self._dx_means, dg, dbeta)
+
+    def _conv_grads(self, P, R, S, sparse, dw, db, need_params):
+        """Conv weight/bias cotangents of ``rx = P dx + R xh + S + scatter(sparse)``."""
+        bn, conv = self.bn, self.conv
+        gp = {}
+        want_w, want_b = "conv.weight" in need_params, "conv.bias" in need_params
+        if not (want_w or want_b):
+            return gp
+        c4 = (-1,) + (1,) * (conv.weight.dim() - 1)
+        gw = torch.zeros_like(conv.weight) if want_w else None
+        gb = torch.zeros(conv.weight.shape[0], dtype=bn.invstd.dtype, device=bn.invstd.device)
         if sparse is not None:
+            dense = bn.xh.new_zeros(bn.shape)
             dense.view(self.idx.shape[:2] + (-1,)).scatter_add_(-1, self.idx, sparse)
-        return [dense], gp
+            if want_w:
+                gw = gw + conv._backward(dense, conv.x, conv.weight, (False, True, False))[1]
+            gb = gb + sparse.sum((0, 2))
+        if R is not None:
+            if want_w:
+                gw = gw + R.view(c4) * self.K1
+            gb = gb + R * self.sum_xh
+        if S is not None:
+            if want_w:
+                gw = gw + S.view(c4) * self.s_patch
+            gb = gb + S * bn.m
+        if P is not None:
+            # P dx with dx = conv(x, dw) + db: sum over positions patch * dx = M dw + db s_patch.
+            if dw is not None:
+                if want_w:
+                    gw = gw + P.view(c4) * (dw.flatten(1) @ self._patch_gram()).view_as(dw)
+                gb = gb + P * self._dot(self.s_patch.expand_as(dw), dw)
+            if db is not None:
+                if want_w:
+                    gw = gw + (P * db).view(c4) * self.s_patch
+                gb = gb + P * db * bn.m
+        if want_w:
+            gp["conv.weight"] = gw
+        if want_b:
+            gp["conv.bias"] = gb
+        return gp
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        bn = self.bn
+        h_p = self._mask(g.reshape(self.y.shape))
+        s_h, s_xh = h_p.sum((0, 2)), (h_p * self.xh_p).sum((0, 2))
+        gp = {}
+        if "bn.weight" in need_params:
+            gp["bn.weight"] = s_xh
+        if "bn.bias" in need_params:
+            gp["bn.bias"] = s_h
+        # BatchNorm's input cotangent: A scatter(h_p) - A <xh h> xh - A <h>.
+        gp.update(self._conv_grads(None, -bn.A * s_xh / bn.m, -bn.A * s_h / bn.m, h_p * self._c(bn.A),
+                                   None, None, need_params))
+        return [None], gp
+
+    def hessian_vjp(self, h, g, din, dparams, need_inputs, need_params) -> Grads:
+        dw, db, dg, _ = self._split(dparams)
+        bn_need = [n[3:] for n in need_params if n.startswith("bn.")]
+        P, R, S, sparse, gp = self._pooled_hessian(h, g, self._dx_p, self._dx_means, dg, bn_need)
+        out = {f"bn.{n}": t for n, t in gp.items()}
+        out.update(self._conv_grads(P, R, S, sparse, dw, db, need_params))
+        return [None], out
 
     def residual(self, g, din, dparams, need_inputs, need_params) -> Grads:
         return self.hessian_vjp(None, g, din, dparams, need_inputs, need_params)
