@@ -248,16 +248,19 @@ def autograd_saved_bytes(model: nn.Module, x: Tensor, exclude: set, loss_fn=None
             seen[ptr] = nbytes
         return t
 
+    # The operator is built for model and loss, so the forward compared includes the
+    # loss (its log-softmax output and targets), as the operator's cache does.
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
+        loss = None if loss_fn is None else loss_fn(out, y)
     fwd = sum(seen.values())
     if loss_fn is None:
         return fwd
     # what an autograd Hessian-vector product keeps: the forward plus the create_graph backward
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        g = torch.autograd.grad(loss_fn(out, y), params, create_graph=True)
-    del out, g
+        g = torch.autograd.grad(loss, params, create_graph=True)
+    del out, loss, g
     return fwd, sum(seen.values())
 
 

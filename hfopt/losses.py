@@ -67,9 +67,9 @@ class CrossEntropyCurvature(LossCurvature):
         if output.dim() < 1:
             raise ValueError(f"hfopt: CrossEntropyLoss needs logits [N, C, ...], got shape {tuple(output.shape)}")
         reduction = _reduction(loss_fn)
-        self.p = torch.softmax(output, dim=1 if output.dim() > 1 else 0)
         weight = loss_fn.weight
         cdim = 1 if output.dim() > 1 else 0
+        self.cdim = cdim
         if target.dtype.is_floating_point:  # class probabilities
             t = target
             if loss_fn.label_smoothing > 0:
@@ -85,23 +85,30 @@ class CrossEntropyCurvature(LossCurvature):
         else:
             valid = target != loss_fn.ignore_index
             safe = torch.where(valid, target, torch.zeros_like(target))
-            w = torch.ones_like(self.p.select(cdim, 0)) if weight is None else weight[safe].to(output.dtype)
+            w = torch.ones_like(output.select(cdim, 0)) if weight is None else weight[safe].to(output.dtype)
             coef = w * valid
             den = coef.sum()
         self.coef = coef / den if reduction == "mean" else coef
-        self.cdim = cdim
+
+    @property
+    def p(self) -> Tensor:
+        """Softmax of the logits, recomputed ([N, C] is cheap) so that the cache
+        holds no more than autograd keeps for the same loss."""
+        return torch.softmax(self.output, dim=self.cdim)
 
     def hvp(self, u: Tensor) -> Tensor:
-        pu = self.p * u
+        p = self.p
+        pu = p * u
         c = self.coef.unsqueeze(self.cdim)
-        return c * (pu - self.p * pu.sum(self.cdim, keepdim=True))
+        return c * (pu - p * pu.sum(self.cdim, keepdim=True))
 
     def sample_sqrt(self, generator=None) -> Tensor:
-        moved = self.p.movedim(self.cdim, -1)
+        p = self.p
+        moved = p.movedim(self.cdim, -1)
         flat = moved.reshape(-1, moved.shape[-1])
         y = torch.multinomial(flat, 1, generator=generator).view(moved.shape[:-1])
-        onehot = F.one_hot(y, moved.shape[-1]).to(self.p.dtype).movedim(-1, self.cdim)
-        return (onehot - self.p) * self.coef.clamp_min(0).sqrt().unsqueeze(self.cdim)
+        onehot = F.one_hot(y, moved.shape[-1]).to(p.dtype).movedim(-1, self.cdim)
+        return (onehot - p) * self.coef.clamp_min(0).sqrt().unsqueeze(self.cdim)
 
 
 class MSECurvature(LossCurvature):

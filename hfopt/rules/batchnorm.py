@@ -55,6 +55,11 @@ class BatchNormRule(Rule):
         """Per-channel vector -> broadcastable against the input."""
         return coef.view(self.bshape)
 
+    @property
+    def A(self) -> Tensor:
+        """``gamma * invstd`` per channel (recomputed: C multiplications)."""
+        return self.invstd if self.gamma is None else self.gamma * self.invstd
+
     # Made per call, not cached: the operator's cache stays as small as autograd's.
     def _zeros(self) -> Tensor:
         return torch.zeros_like(self.invstd)
@@ -123,7 +128,6 @@ class BatchNormRule(Rule):
             self.invstd = torch.rsqrt(self.running_var + self.eps)
             xh = (x - self._c(self.running_mean)) * self._c(self.invstd)
         self._dx = None
-        self.A = self.invstd if self.gamma is None else self.gamma * self.invstd
         # Eval mode needs xh only for gamma's products; train mode always.
         self.xh = xh if (self.batch_stats or "weight" in self.trainable) else None
         self._g = None
