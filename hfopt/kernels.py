@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import os
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -81,6 +81,9 @@ def _import_triton() -> bool:
             _TRITON_OK = False
         else:
             triton, tl, _TRITON_OK = _triton, _tl, True
+            # The kernels call their helpers by name: jit them here, so that a kernel
+            # finds them however it is built (by _kernels(), or by triton.jit directly).
+            globals().update({fn.__name__: triton.jit(fn) for fn in _DEVICE_FNS})
     return _TRITON_OK
 
 
@@ -132,11 +135,8 @@ def _per_channel(c: Tensor, C: int, dtype: torch.dtype, device) -> Tensor:
     return c.to(device=device, dtype=dtype).contiguous()
 
 
-def _check_pairs(pairs) -> List[Tensor]:
-    pairs = list(pairs)
-    if not pairs:
-        raise ValueError("channel_sums needs at least one pair")
-    ts = [t for p in pairs for t in p if t is not None]
+def _check_shapes(ts: List[Tensor]) -> List[Tensor]:
+    """``ts``, checked to share one shape ``[N, C, *]``."""
     shape = ts[0].shape
     if len(shape) < 2:
         raise ValueError(f"expected tensors of shape [N, C, ...], got {tuple(shape)}")
@@ -144,6 +144,13 @@ def _check_pairs(pairs) -> List[Tensor]:
         if t.shape != shape:
             raise ValueError(f"all tensors must have the same shape, got {tuple(shape)} and {tuple(t.shape)}")
     return ts
+
+
+def _check_pairs(pairs) -> List[Tensor]:
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("channel_sums needs at least one pair")
+    return _check_shapes([t for p in pairs for t in p if t is not None])
 
 
 def _reference_channel_sums(pairs: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> Tensor:
@@ -163,14 +170,7 @@ def _check_terms(terms) -> List[Tensor]:
     terms = list(terms)
     if not terms:
         raise ValueError("channel_affine needs at least one term")
-    ts = [t for t, _ in terms]
-    shape = ts[0].shape
-    if len(shape) < 2:
-        raise ValueError(f"expected tensors of shape [N, C, ...], got {tuple(shape)}")
-    for t in ts:
-        if t.shape != shape:
-            raise ValueError(f"all tensors must have the same shape, got {tuple(shape)} and {tuple(t.shape)}")
-    return ts
+    return _check_shapes([t for t, _ in terms])
 
 
 def _out_dtype(ts: Sequence[Tensor]) -> torch.dtype:
@@ -235,10 +235,98 @@ def _reference_channel_normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight
 
 
 # ============================================================================ Triton kernels
-# Plain functions, decorated lazily by _kernels() (with triton.jit, or for the
-# interpreter); ``tl`` is this module's global, set by _import_triton().
-# Tile: ns [BN] samples, cs [BC] channels, js [BM] positions; element
-# (n, c, j) of the contiguous [N, C, M] tensor is at (n * C + c) * M + j.
+# Plain functions, decorated lazily: the kernels by _kernels(), and the device
+# helpers (marked @_device) by _import_triton(), which rebinds each helper's name
+# in this module to its jit'd version (with triton.jit, or for the interpreter):
+# a kernel can only call jit'd functions, and Triton looks them up in this
+# module's globals when it compiles or interprets the kernel.  ``tl`` is this
+# module's global too, set by _import_triton().
+# Tile: [BN] samples, cs [BC] channels, [BM] positions; element (n, c, j) of the
+# contiguous [N, C, M] tensor is at (n * C + c) * M + j.
+_DEVICE_FNS: List[Callable] = []
+
+
+def _device(fn):
+    """Marks ``fn`` as a helper the kernels call (jit'd in place by _import_triton())."""
+    _DEVICE_FNS.append(fn)
+    return fn
+
+
+@_device
+def _load(PTR, offs, mask, ACC: tl.constexpr):
+    return tl.load(PTR + offs, mask=mask, other=0.0).to(ACC)
+
+
+@_device
+def _load_channels(PTR, cs, cmask, ACC: tl.constexpr):
+    # A per-channel vector, shaped [1, BC, 1] to broadcast over a tile.
+    return _load(PTR, cs, cmask, ACC)[None, :, None]
+
+
+@_device
+def _channel_sum(x):
+    # [BN, BC, BM] -> [BC]: the sum over samples and positions.
+    return tl.sum(tl.sum(x, axis=2), axis=0)
+
+
+@_device
+def _tile(nb, jb, cs, cmask, N, C, M, BN: tl.constexpr, BM: tl.constexpr):
+    # Offsets and mask of the tile (sample block nb, channels cs, position block jb).
+    n = nb * BN + tl.arange(0, BN)
+    j = jb * BM + tl.arange(0, BM)
+    row = n.to(tl.int64)[:, None, None] * C + cs[None, :, None]
+    offs = row * M + j[None, None, :]
+    mask = (n < N)[:, None, None] & cmask[None, :, None] & (j < M)[None, None, :]
+    return offs, mask
+
+
+@_device
+def _reduction_tile(it, JB, cs, cmask, N, C, M, BN: tl.constexpr, BM: tl.constexpr):
+    # Iteration it of a reduction program: its sample and position blocks, offsets and mask.
+    nb = it // JB
+    jb = it - nb * JB
+    offs, mask = _tile(nb, jb, cs, cmask, N, C, M, BN, BM)
+    return nb, jb, offs, mask
+
+
+@_device
+def _elementwise_tile(N, C, M, JB, CB, BN: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr):
+    # This program's tile of an elementwise pass: channels, channel mask, offsets and mask.
+    pid = tl.program_id(0)
+    jb = pid % JB
+    rest = pid // JB
+    cb = rest % CB
+    nb = rest // CB
+    cs = cb * BC + tl.arange(0, BC)
+    cmask = cs < C
+    offs, mask = _tile(nb, jb, cs, cmask, N, C, M, BN, BM)
+    return cs, cmask, offs, mask
+
+
+@_device
+def _accumulate(acc, vs, A: tl.constexpr, B: tl.constexpr, USED: tl.constexpr):
+    # acc + vs[A] (times vs[B] when B >= 0) for a pair in use; an unused pair's
+    # accumulator is left alone (USED is constexpr: no code for it).
+    if USED:
+        p = vs[A]
+        if B >= 0:
+            p = p * vs[B]
+        acc += p
+    return acc
+
+
+@_device
+def _affine_term(T, K, offs, mask, cs, cmask, ACC: tl.constexpr):
+    # K[c] * T on one tile.
+    k = _load_channels(K, cs, cmask, ACC)
+    return _load(T, offs, mask, ACC) * k
+
+
+@_device
+def _store_channel_sum(PTR, acc, cmask, USED: tl.constexpr):
+    if USED:
+        tl.store(PTR, _channel_sum(acc), mask=cmask)
+
 
 def _sums_kernel(T0, T1, T2, T3, OUT, N, C, M, JB, ITERS, PER_PROG,
                  NT: tl.constexpr, NP: tl.constexpr,
@@ -251,204 +339,37 @@ def _sums_kernel(T0, T1, T2, T3, OUT, N, C, M, JB, ITERS, PER_PROG,
     # of this program's share of (sample-block, position-block) iterations.
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
-    ns = tl.arange(0, BN)
     cs = pid_c * BC + tl.arange(0, BC)
-    js = tl.arange(0, BM)
     cmask = cs < C
     zero = tl.zeros([BN, BC, BM], ACC)
-    acc0 = zero
-    acc1 = zero
-    acc2 = zero
-    acc3 = zero
-    acc4 = zero
-    acc5 = zero
-    acc6 = zero
-    acc7 = zero
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = zero, zero, zero, zero, zero, zero, zero, zero
     for i in range(0, PER_PROG):
-        it = pid_s * PER_PROG + i
-        nb = it // JB
-        jb = it - nb * JB
-        n = nb * BN + ns
-        j = jb * BM + js
-        row = n.to(tl.int64)[:, None, None] * C + cs[None, :, None]
-        offs = row * M + j[None, None, :]
         # n >= N also masks the iterations past ITERS of the last program.
-        mask = (n < N)[:, None, None] & cmask[None, :, None] & (j < M)[None, None, :]
-        v0 = tl.load(T0 + offs, mask=mask, other=0.0).to(ACC)
-        if NT > 1:
-            v1 = tl.load(T1 + offs, mask=mask, other=0.0).to(ACC)
-        if NT > 2:
-            v2 = tl.load(T2 + offs, mask=mask, other=0.0).to(ACC)
-        if NT > 3:
-            v3 = tl.load(T3 + offs, mask=mask, other=0.0).to(ACC)
-        # -- pair 0
-        if A0 == 0:
-            p = v0
-        elif A0 == 1:
-            p = v1
-        elif A0 == 2:
-            p = v2
-        else:
-            p = v3
-        if B0 == 0:
-            p = p * v0
-        elif B0 == 1:
-            p = p * v1
-        elif B0 == 2:
-            p = p * v2
-        elif B0 == 3:
-            p = p * v3
-        acc0 += p
-        # -- pair 1
-        if NP > 1:
-            if A1 == 0:
-                p = v0
-            elif A1 == 1:
-                p = v1
-            elif A1 == 2:
-                p = v2
-            else:
-                p = v3
-            if B1 == 0:
-                p = p * v0
-            elif B1 == 1:
-                p = p * v1
-            elif B1 == 2:
-                p = p * v2
-            elif B1 == 3:
-                p = p * v3
-            acc1 += p
-        # -- pair 2
-        if NP > 2:
-            if A2 == 0:
-                p = v0
-            elif A2 == 1:
-                p = v1
-            elif A2 == 2:
-                p = v2
-            else:
-                p = v3
-            if B2 == 0:
-                p = p * v0
-            elif B2 == 1:
-                p = p * v1
-            elif B2 == 2:
-                p = p * v2
-            elif B2 == 3:
-                p = p * v3
-            acc2 += p
-        # -- pair 3
-        if NP > 3:
-            if A3 == 0:
-                p = v0
-            elif A3 == 1:
-                p = v1
-            elif A3 == 2:
-                p = v2
-            else:
-                p = v3
-            if B3 == 0:
-                p = p * v0
-            elif B3 == 1:
-                p = p * v1
-            elif B3 == 2:
-                p = p * v2
-            elif B3 == 3:
-                p = p * v3
-            acc3 += p
-        # -- pair 4
-        if NP > 4:
-            if A4 == 0:
-                p = v0
-            elif A4 == 1:
-                p = v1
-            elif A4 == 2:
-                p = v2
-            else:
-                p = v3
-            if B4 == 0:
-                p = p * v0
-            elif B4 == 1:
-                p = p * v1
-            elif B4 == 2:
-                p = p * v2
-            elif B4 == 3:
-                p = p * v3
-            acc4 += p
-        # -- pair 5
-        if NP > 5:
-            if A5 == 0:
-                p = v0
-            elif A5 == 1:
-                p = v1
-            elif A5 == 2:
-                p = v2
-            else:
-                p = v3
-            if B5 == 0:
-                p = p * v0
-            elif B5 == 1:
-                p = p * v1
-            elif B5 == 2:
-                p = p * v2
-            elif B5 == 3:
-                p = p * v3
-            acc5 += p
-        # -- pair 6
-        if NP > 6:
-            if A6 == 0:
-                p = v0
-            elif A6 == 1:
-                p = v1
-            elif A6 == 2:
-                p = v2
-            else:
-                p = v3
-            if B6 == 0:
-                p = p * v0
-            elif B6 == 1:
-                p = p * v1
-            elif B6 == 2:
-                p = p * v2
-            elif B6 == 3:
-                p = p * v3
-            acc6 += p
-        # -- pair 7
-        if NP > 7:
-            if A7 == 0:
-                p = v0
-            elif A7 == 1:
-                p = v1
-            elif A7 == 2:
-                p = v2
-            else:
-                p = v3
-            if B7 == 0:
-                p = p * v0
-            elif B7 == 1:
-                p = p * v1
-            elif B7 == 2:
-                p = p * v2
-            elif B7 == 3:
-                p = p * v3
-            acc7 += p
+        _, _, offs, mask = _reduction_tile(pid_s * PER_PROG + i, JB, cs, cmask, N, C, M, BN, BM)
+        # Only the NT distinct tensors are read; v0 stands in for the others, which no pair picks.
+        v0 = _load(T0, offs, mask, ACC)
+        v1 = _load(T1, offs, mask, ACC) if NT > 1 else v0
+        v2 = _load(T2, offs, mask, ACC) if NT > 2 else v0
+        v3 = _load(T3, offs, mask, ACC) if NT > 3 else v0
+        vs = (v0, v1, v2, v3)
+        acc0 = _accumulate(acc0, vs, A0, B0, NP > 0)
+        acc1 = _accumulate(acc1, vs, A1, B1, NP > 1)
+        acc2 = _accumulate(acc2, vs, A2, B2, NP > 2)
+        acc3 = _accumulate(acc3, vs, A3, B3, NP > 3)
+        acc4 = _accumulate(acc4, vs, A4, B4, NP > 4)
+        acc5 = _accumulate(acc5, vs, A5, B5, NP > 5)
+        acc6 = _accumulate(acc6, vs, A6, B6, NP > 6)
+        acc7 = _accumulate(acc7, vs, A7, B7, NP > 7)
     # Partial sums of this program: OUT[pid_s, k, c].
     base = OUT + pid_s * NP * C + cs
-    tl.store(base, tl.sum(tl.sum(acc0, axis=2), axis=0), mask=cmask)
-    if NP > 1:
-        tl.store(base + C, tl.sum(tl.sum(acc1, axis=2), axis=0), mask=cmask)
-    if NP > 2:
-        tl.store(base + 2 * C, tl.sum(tl.sum(acc2, axis=2), axis=0), mask=cmask)
-    if NP > 3:
-        tl.store(base + 3 * C, tl.sum(tl.sum(acc3, axis=2), axis=0), mask=cmask)
-    if NP > 4:
-        tl.store(base + 4 * C, tl.sum(tl.sum(acc4, axis=2), axis=0), mask=cmask)
-    if NP > 5:
-        tl.store(base + 5 * C, tl.sum(tl.sum(acc5, axis=2), axis=0), mask=cmask)
-    if NP > 6:
-        tl.store(base + 6 * C, tl.sum(tl.sum(acc6, axis=2), axis=0), mask=cmask)
-    if NP > 7:
-        tl.store(base + 7 * C, tl.sum(tl.sum(acc7, axis=2), axis=0), mask=cmask)
+    _store_channel_sum(base, acc0, cmask, NP > 0)
+    _store_channel_sum(base + C, acc1, cmask, NP > 1)
+    _store_channel_sum(base + 2 * C, acc2, cmask, NP > 2)
+    _store_channel_sum(base + 3 * C, acc3, cmask, NP > 3)
+    _store_channel_sum(base + 4 * C, acc4, cmask, NP > 4)
+    _store_channel_sum(base + 5 * C, acc5, cmask, NP > 5)
+    _store_channel_sum(base + 6 * C, acc6, cmask, NP > 6)
+    _store_channel_sum(base + 7 * C, acc7, cmask, NP > 7)
 
 
 def _moments_kernel(X, OUT, N, C, M, JB, ITERS, PER_PROG,
@@ -458,32 +379,23 @@ def _moments_kernel(X, OUT, N, C, M, JB, ITERS, PER_PROG,
     # registers) are merged into the running ones by Chan's formula.
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
-    ns = tl.arange(0, BN)
     cs = pid_c * BC + tl.arange(0, BC)
-    js = tl.arange(0, BM)
     cmask = cs < C
     # Statistics of x - x[0, c, 0]: the shift keeps every rounding at the scale of
     # the spread of the data, not of its mean.
-    shift = tl.load(X + cs.to(tl.int64) * M, mask=cmask, other=0.0).to(ACC)
+    shift = _load(X, cs.to(tl.int64) * M, cmask, ACC)
     cnt = tl.zeros([BC], ACC)
     mean = tl.zeros([BC], ACC)
     m2 = tl.zeros([BC], ACC)
     for i in range(0, PER_PROG):
-        it = pid_s * PER_PROG + i
-        nb = it // JB
-        jb = it - nb * JB
-        n = nb * BN + ns
-        j = jb * BM + js
-        row = n.to(tl.int64)[:, None, None] * C + cs[None, :, None]
-        offs = row * M + j[None, None, :]
-        mask = (n < N)[:, None, None] & cmask[None, :, None] & (j < M)[None, None, :]
-        x = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(ACC) - shift[None, :, None], 0.0)
+        nb, jb, offs, mask = _reduction_tile(pid_s * PER_PROG + i, JB, cs, cmask, N, C, M, BN, BM)
+        x = tl.where(mask, _load(X, offs, mask, ACC) - shift[None, :, None], 0.0)
         nval = tl.maximum(tl.minimum(N - nb * BN, BN), 0)
         jval = tl.minimum(M - jb * BM, BM)
         tcnt = (nval * jval).to(ACC)
-        tmean = tl.sum(tl.sum(x, axis=2), axis=0) / tl.maximum(tcnt, 1.0)
+        tmean = _channel_sum(x) / tl.maximum(tcnt, 1.0)
         d = tl.where(mask, x - tmean[None, :, None], 0.0)
-        tm2 = tl.sum(tl.sum(d * d, axis=2), axis=0)
+        tm2 = _channel_sum(d * d)
         new = cnt + tcnt
         f = tcnt / tl.maximum(new, 1.0)
         delta = tmean - mean
@@ -500,32 +412,16 @@ def _affine_kernel(T0, T1, T2, T3, K0, K1, K2, K3, CONST, OUT, N, C, M, JB, CB,
                    NT: tl.constexpr, HAS_CONST: tl.constexpr,
                    BN: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, ACC: tl.constexpr):
     # OUT = sum_k K_k[c] * T_k + CONST[c] on one tile.
-    pid = tl.program_id(0)
-    jb = pid % JB
-    rest = pid // JB
-    cb = rest % CB
-    nb = rest // CB
-    n = nb * BN + tl.arange(0, BN)
-    cs = cb * BC + tl.arange(0, BC)
-    j = jb * BM + tl.arange(0, BM)
-    cmask = cs < C
-    row = n.to(tl.int64)[:, None, None] * C + cs[None, :, None]
-    offs = row * M + j[None, None, :]
-    mask = (n < N)[:, None, None] & cmask[None, :, None] & (j < M)[None, None, :]
-    k = tl.load(K0 + cs, mask=cmask, other=0.0).to(ACC)
-    out = tl.load(T0 + offs, mask=mask, other=0.0).to(ACC) * k[None, :, None]
+    cs, cmask, offs, mask = _elementwise_tile(N, C, M, JB, CB, BN, BC, BM)
+    out = _affine_term(T0, K0, offs, mask, cs, cmask, ACC)
     if NT > 1:
-        k = tl.load(K1 + cs, mask=cmask, other=0.0).to(ACC)
-        out += tl.load(T1 + offs, mask=mask, other=0.0).to(ACC) * k[None, :, None]
+        out += _affine_term(T1, K1, offs, mask, cs, cmask, ACC)
     if NT > 2:
-        k = tl.load(K2 + cs, mask=cmask, other=0.0).to(ACC)
-        out += tl.load(T2 + offs, mask=mask, other=0.0).to(ACC) * k[None, :, None]
+        out += _affine_term(T2, K2, offs, mask, cs, cmask, ACC)
     if NT > 3:
-        k = tl.load(K3 + cs, mask=cmask, other=0.0).to(ACC)
-        out += tl.load(T3 + offs, mask=mask, other=0.0).to(ACC) * k[None, :, None]
+        out += _affine_term(T3, K3, offs, mask, cs, cmask, ACC)
     if HAS_CONST:
-        k = tl.load(CONST + cs, mask=cmask, other=0.0).to(ACC)
-        out += k[None, :, None]
+        out += _load_channels(CONST, cs, cmask, ACC)
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -533,31 +429,17 @@ def _normalize_kernel(X, MEAN, INVSTD, W, B, XH, Y, N, C, M, JB, CB,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       BN: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, ACC: tl.constexpr):
     # XH = (X - MEAN[c]) * INVSTD[c];  Y = W[c] * XH + B[c] (when W or B is given).
-    pid = tl.program_id(0)
-    jb = pid % JB
-    rest = pid // JB
-    cb = rest % CB
-    nb = rest // CB
-    n = nb * BN + tl.arange(0, BN)
-    cs = cb * BC + tl.arange(0, BC)
-    j = jb * BM + tl.arange(0, BM)
-    cmask = cs < C
-    row = n.to(tl.int64)[:, None, None] * C + cs[None, :, None]
-    offs = row * M + j[None, None, :]
-    mask = (n < N)[:, None, None] & cmask[None, :, None] & (j < M)[None, None, :]
-    mu = tl.load(MEAN + cs, mask=cmask, other=0.0).to(ACC)
-    s = tl.load(INVSTD + cs, mask=cmask, other=0.0).to(ACC)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    xh = (x - mu[None, :, None]) * s[None, :, None]
+    cs, cmask, offs, mask = _elementwise_tile(N, C, M, JB, CB, BN, BC, BM)
+    mu = _load_channels(MEAN, cs, cmask, ACC)
+    s = _load_channels(INVSTD, cs, cmask, ACC)
+    xh = (_load(X, offs, mask, ACC) - mu) * s
     tl.store(XH + offs, xh.to(XH.dtype.element_ty), mask=mask)
     if HAS_W or HAS_B:
         y = xh
         if HAS_W:
-            w = tl.load(W + cs, mask=cmask, other=0.0).to(ACC)
-            y = y * w[None, :, None]
+            y = y * _load_channels(W, cs, cmask, ACC)
         if HAS_B:
-            b = tl.load(B + cs, mask=cmask, other=0.0).to(ACC)
-            y = y + b[None, :, None]
+            y = y + _load_channels(B, cs, cmask, ACC)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
