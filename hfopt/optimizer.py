@@ -494,7 +494,7 @@ class HFOptimizer(torch.optim.Optimizer):
             and cur_inputs[0].dim() > 0 else None
         try:
             op = cls(model, loss_fn, cur_inputs, cur_targets)
-        except (TypeError, ValueError, RuntimeError) as exc:  # NotImplementedError is a RuntimeError
+        except (TypeError, ValueError, RuntimeError) as exc:  # a RuntimeError covers not-implemented ops too
             raise _EngineUnavailable(f"{type(exc).__name__}: {exc}") from None
         return _Reordered(op, params), "rules", samples
 
