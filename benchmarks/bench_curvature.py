@@ -369,15 +369,20 @@ class Baselines:
 
 
 # ----------------------------------------------------------------------------- per model
-def bench_model(name: str, args, device: torch.device, timer: Timer) -> dict:
+def setup(name: str, args, device: torch.device):
+    """Model (train mode), loss, batch and a direction, all from ``args.seed``."""
     torch.manual_seed(args.seed)
     model = build_model(name).to(device).train()
-    loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+    v = [torch.randn(p.shape, generator=gen).to(device) for p in model.parameters() if p.requires_grad]
+    return model, nn.CrossEntropyLoss(), x, y, v
+
+
+def bench_model(name: str, args, device: torch.device, timer: Timer) -> dict:
+    model, loss_fn, x, y, v = setup(name, args, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    v = [torch.randn(p.shape, generator=gen).to(device) for p in params]
     n_params = sum(p.numel() for p in params)
 
     base = Baselines(model, loss_fn, x, y)
@@ -753,13 +758,7 @@ def _dense_ms(events) -> float:
 def run_profile(name: str, args, device) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    torch.manual_seed(args.seed)
-    model = build_model(name).to(device).train()
-    loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device)
-    y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
-    v = [torch.randn(p.shape, generator=gen).to(device) for p in model.parameters() if p.requires_grad]
+    model, loss_fn, x, y, v = setup(name, args, device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out = {}
     for kind, cls in (("G@v", hfopt.GGN), ("H@v", hfopt.Hessian)):

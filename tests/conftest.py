@@ -159,29 +159,29 @@ def ref_output_hvp(loss_fn, z, y, u) -> Tensor:
 
 def ref_jvp(model, x, v, seed=None):
     """(output, J v) by the double-vjp trick (reverse mode only)."""
-    params = trainable(model)
     with preserved_state(model):
         _seed(seed)
-        z = run_model(model, x)
-        u = torch.zeros_like(z, requires_grad=True)
-        vjp = _grad(z, params, u, create_graph=True)
-        pairs = [(a, b) for a, b in zip(vjp, v) if a.requires_grad]
-        jv = _grad([p[0] for p in pairs], [u], [p[1] for p in pairs])[0] if pairs else torch.zeros_like(z)
+        return _forward_and_jvp(model, x, v)
+
+
+def _forward_and_jvp(model, x, v):
+    """Output (with its graph) and J v by the double-vjp trick; the caller
+    preserves the model's state."""
+    z = run_model(model, x)
+    u = torch.zeros_like(z, requires_grad=True)
+    vjp = _grad(z, trainable(model), u, create_graph=True)
+    pairs = [(a, b) for a, b in zip(vjp, v) if a.requires_grad]
+    jv = _grad([p[0] for p in pairs], [u], [p[1] for p in pairs])[0] if pairs else torch.zeros_like(z)
     return z, jv
 
 
 def ref_ggnvp(model, loss_fn, x, y, v, seed=None) -> List[Tensor]:
     """J^T H_out J v, each factor by autograd."""
-    params = trainable(model)
     with preserved_state(model):
         _seed(seed)
-        z = run_model(model, x)
-        u = torch.zeros_like(z, requires_grad=True)
-        vjp = _grad(z, params, u, create_graph=True)
-        pairs = [(a, b) for a, b in zip(vjp, v) if a.requires_grad]
-        jv = _grad([p[0] for p in pairs], [u], [p[1] for p in pairs])[0] if pairs else torch.zeros_like(z)
+        z, jv = _forward_and_jvp(model, x, v)
         hjv = ref_output_hvp(loss_fn, z, y, jv)
-        gv = _grad(z, params, hjv)
+        gv = _grad(z, trainable(model), hjv)
     return [t.detach() for t in gv]
 
 

@@ -128,10 +128,9 @@ def single_iterate(res, x, matvec, b):
                     phi=phis, matvecs=res.matvecs)
 
 
-def exact_ggn(model, loss_of_outputs, x):
-    """J^T H_out J (reverse-mode autograd only), flattened in model.parameters() order."""
+def _unflatten(model):
+    """Flat vector -> {name: view} in model.parameters() order."""
     names = [n for n, _ in model.named_parameters()]
-    theta = flat(model.parameters())
     shapes = [p.shape for p in model.parameters()]
 
     def unflat(t):
@@ -141,6 +140,14 @@ def exact_ggn(model, loss_of_outputs, x):
             out[n] = t[k:k + m].view(s)
             k += m
         return out
+
+    return unflat
+
+
+def exact_ggn(model, loss_of_outputs, x):
+    """J^T H_out J (reverse-mode autograd only), flattened in model.parameters() order."""
+    theta = flat(model.parameters())
+    unflat = _unflatten(model)
 
     def f(t):
         return torch.func.functional_call(model, unflat(t), (x,))
@@ -152,17 +159,11 @@ def exact_ggn(model, loss_of_outputs, x):
 
 
 def exact_hessian(model, loss_of_outputs, x):
-    names = [n for n, _ in model.named_parameters()]
     theta = flat(model.parameters())
-    shapes = [p.shape for p in model.parameters()]
+    unflat = _unflatten(model)
 
     def total(t):
-        params, k = {}, 0
-        for n, s in zip(names, shapes):
-            m = math.prod(s)
-            params[n] = t[k:k + m].view(s)
-            k += m
-        return loss_of_outputs(torch.func.functional_call(model, params, (x,)))
+        return loss_of_outputs(torch.func.functional_call(model, unflat(t), (x,)))
 
     return torch.autograd.functional.hessian(total, theta)
 
