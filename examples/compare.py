@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Hessian-free vs SGD with momentum (and optionally Adam) on one wall-clock budget.
+"""Hessian-free vs SGD with momentum, Adam and SOAP on one wall-clock budget.
 
 ::
 
-    python examples/compare.py                        # digits, ~3-4 minutes on 2 CPU cores
+    python examples/compare.py                        # digits, ~6 minutes on 2 CPU cores
     python examples/compare.py --data cifar10 --model c3d3_bn --budget 900
-    python examples/compare.py --optimizers hf sgd adam --seeds 0 1 2
-    tensorboard --logdir runs/compare-digits
+    python examples/compare.py --optimizers hf sgd --seeds 0 1 2
+    tensorboard --logdir runs/compare-digits          # the runs; the grid is in runs/compare-digits-grid
 
 Protocol
 --------
@@ -14,35 +14,43 @@ Protocol
    each of ``--sgd-lrs``, the smallest for ``--grid-budget`` seconds and the
    others for as many steps as it took (equal steps cost equal time on an
    idle machine and keep the choice independent of other load); the rate
-   with the best validation accuracy (ties: lowest validation loss) is kept.  Adam, when
-   included, gets the same treatment over ``--adam-lrs``.  Hessian-free has no
-   learning rate and is not tuned.
+   with the best validation accuracy (ties: lowest validation loss) is kept.
+   Adam (``--adam-lrs``) and SOAP (``--soap-lrs``; ``pytorch_optimizer.SOAP``,
+   a second-order peer that preconditions Adam in Shampoo's eigenbasis) get
+   the same treatment.  Every first-order and SOAP run, grid points
+   included, warms its learning rate up linearly over the first
+   ``--warmup-steps`` steps.  Hessian-free has no learning rate and is not
+   tuned.
 2. Every optimizer is trained with every seed for ``--budget`` seconds of
    training time (evaluation excluded, see train.py), same model, data split
    and initialisation (the seed fixes the initial weights and the shuffles).
 3. Outputs in ``--out``: ``curves.png`` (train loss vs epochs, train loss vs
    seconds, test accuracy vs epochs), ``results.md`` (a table) and
-   ``results.json`` (everything, per-epoch histories included).  TensorBoard
-   runs sit side by side in ``--logdir`` (``<optimizer>-s<seed>``, grid runs
-   under ``grid/``).
+   ``results.json`` (everything, per-epoch histories included).
+
+TensorBoard
+-----------
+The runs sit side by side in ``--logdir`` (``<optimizer>-s<seed>``), on
+train.py's axes: x is training examples seen, "Relative" time is training
+seconds.  The grid runs go to the sibling folder ``<logdir>-grid``
+(``<optimizer>-lr<lr>``), so that ``tensorboard --logdir <logdir>`` shows the
+compared runs only.  ``<logdir>`` itself holds a layout for the Custom
+Scalars tab with one chart per quantity (train loss, mini-batch loss,
+validation and test accuracy, training seconds), each drawing every
+optimizer.
 
 "Train loss" is train.py's: the cross-entropy over the whole training set in
 eval mode (BatchNorm statistics re-estimated on the training data) at the end
-of an epoch, or of the run.  HF is evaluated after every epoch; SGD and Adam,
-whose epochs cost less than an evaluation, every 5th epoch on digits and
+of an epoch, or of the run.  HF is evaluated after every epoch; SGD, Adam and
+SOAP, whose epochs cost less than an evaluation, every 5th epoch on digits and
 every 2nd on CIFAR-10 (``--first-order-eval-every``).  The "reach" column gives, for each optimizer,
 the training seconds and epochs after which its train loss first got at or
 below the lowest train loss SGD reached (same seed), at those evaluations.
 
 Hessian-free settings
 ---------------------
-HFOptimizer's defaults (GGN curvature, damping 1.0 with Levenberg-Marquardt
-updates, CG capped at 250 iterations with Martens' relative-progress stop,
-preconditioning, CG backtracking, Armijo line search) with train.py's HF
-batch of 512.  The only changes for CPU speed are on CIFAR-10: curvature
-products on 128 of each batch's 512 images (``--curvature-batch 128``, the
-smaller curvature mini-batch of Martens 2010) and at most 50 CG iterations.
-Override with ``--hf-args``.
+HFOptimizer's defaults with train.py's HF batch of 512, on either data set;
+``--hf-args`` adds train.py options for the HF runs.
 
 Timing
 ------
@@ -51,8 +59,8 @@ one torch thread (``--threads``): the 8x8 images gain little from a second
 one, and when anything else runs on the machine an oversubscribed second
 thread slows these small kernels down by an order of magnitude, which would
 make the wall-clock comparison meaningless.  CIFAR-10 uses torch's default.
-With the default 45 s per optimizer and 5 x 11.25 s of learning-rate grid,
-the digits comparison takes about 3 minutes.
+With the default 45 s per optimizer and 11 x 11.25 s of learning-rate grid,
+the digits comparison takes about 6 minutes.
 """
 
 from __future__ import annotations
@@ -75,10 +83,11 @@ import train  # noqa: E402
 DEFAULT_BUDGET = {"digits": 45.0, "cifar10": 600.0}
 DEFAULT_SGD_LRS = (1.0, 0.3, 0.1, 0.03, 0.01)
 DEFAULT_ADAM_LRS = (3e-3, 1e-3, 3e-4)
-# Everything HF gets beyond HFOptimizer's defaults, per data set (see the module docstring).
-HF_CPU_ARGS = {"digits": [], "cifar10": ["--curvature-batch", "128", "--cg-max-iterations", "50"]}
+DEFAULT_SOAP_LRS = (1e-2, 3e-3, 1e-3)
+# Everything HF gets beyond HFOptimizer's defaults and the batch size, per data set.
+HF_CPU_ARGS = {"digits": [], "cifar10": []}
 QUICK = {"budget": 2.0, "grid_budget": 0.4}
-# SGD/Adam epochs take less time than an evaluation pass (20k images on
+# SGD/Adam/SOAP epochs take less time than an evaluation pass (20k images on
 # CIFAR-10, a few hundred first-order epochs on digits); evaluating every 5th /
 # 2nd epoch keeps the evaluation overhead near or below the training time.
 FIRST_ORDER_EVAL_EVERY = {"digits": 5, "cifar10": 2}
@@ -86,8 +95,17 @@ FIRST_ORDER_EVAL_EVERY = {"digits": 5, "cifar10": 2}
 # and an oversubscribed second thread (any other load on the machine) slows
 # small kernels down many times over, which would make the timings meaningless.
 DEFAULT_THREADS = {"digits": 1, "cifar10": None}
-COLORS = {"hf": "tab:red", "sgd": "tab:blue", "adam": "tab:green"}
-LABELS = {"hf": "Hessian-free", "sgd": "SGD + momentum", "adam": "Adam"}
+COLORS = {"hf": "tab:red", "sgd": "tab:blue", "adam": "tab:green", "soap": "tab:purple"}
+LABELS = {"hf": "Hessian-free", "sgd": "SGD + momentum", "adam": "Adam", "soap": "SOAP"}
+# Custom Scalars charts: each draws the matching tag of every run.  The plugin
+# matches tags with re.match (anchored at the start only), hence the "$".
+LAYOUT = {"compare (x: training examples seen)": {
+    "train loss (full pass, eval mode)": ["Multiline", [r"^train/epoch_loss$"]],
+    "mini-batch loss (before each step)": ["Multiline", [r"^train/loss$"]],
+    "validation accuracy": ["Multiline", [r"^val/accuracy$"]],
+    "test accuracy": ["Multiline", [r"^test/accuracy$"]],
+    "training seconds": ["Multiline", [r"^time/wall$"]],
+}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,26 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
                              "the others get as many steps (default: budget / 4)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="training seeds; every optimizer runs once per seed")
-    parser.add_argument("--optimizers", nargs="+", choices=train.OPTIMIZERS, default=["hf", "sgd"],
-                        help="sgd is always included: it sets the reference train loss")
+    parser.add_argument("--optimizers", nargs="+", choices=train.OPTIMIZERS, default=list(train.OPTIMIZERS),
+                        help="sgd is always included: it sets the reference train loss; soap needs the "
+                             "pytorch-optimizer package")
     parser.add_argument("--sgd-lrs", type=float, nargs="+", default=list(DEFAULT_SGD_LRS),
                         help="SGD learning-rate grid")
     parser.add_argument("--adam-lrs", type=float, nargs="+", default=list(DEFAULT_ADAM_LRS),
                         help="Adam learning-rate grid")
+    parser.add_argument("--soap-lrs", type=float, nargs="+", default=list(DEFAULT_SOAP_LRS),
+                        help="SOAP learning-rate grid")
+    parser.add_argument("--warmup-steps", type=int, default=train.DEFAULT_WARMUP_STEPS, metavar="W",
+                        help="steps of linear learning-rate warm-up in every sgd/adam/soap run, grid included")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--first-order-eval-every", type=int, default=None, metavar="EPOCHS",
-                        help="evaluate SGD/Adam every this many epochs (default: 5 for digits, 2 for "
-                             "cifar10); HF is evaluated every epoch")
+                        help="evaluate SGD/Adam/SOAP every this many epochs (default: 5 for digits, 2 "
+                             "for cifar10); HF is evaluated every epoch")
     parser.add_argument("--hf-args", default=None,
                         help="extra train.py arguments for the HF runs, one quoted string, "
-                             "e.g. --hf-args='--damping 10' "
-                             "(default: none for digits; '--curvature-batch 128 --cg-max-iterations 50' "
-                             "for cifar10)")
+                             "e.g. --hf-args='--damping 10' (default: none, HFOptimizer's defaults)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for every run (default: 1 for digits, whose tiny "
                              "tensors gain little from more, torch's choice for cifar10)")
-    parser.add_argument("--logdir", default=None, help="default: runs/compare-<data>")
+    parser.add_argument("--logdir", default=None,
+                        help="TensorBoard folder of the runs (default: runs/compare-<data>); the "
+                             "learning-rate grid goes to <logdir>-grid")
     parser.add_argument("--out", default=None, help="folder for curves.png, results.md, results.json; "
                                                     "default: results/compare-<data>")
     parser.add_argument("--quick", action="store_true",
@@ -141,7 +164,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.model = train.DEFAULT_MODEL[args.data]
     if "sgd" not in args.optimizers:
         args.optimizers.append("sgd")
-    # hf first, then sgd, then adam, whatever order was given
+    # hf first, then sgd, adam, soap, whatever order was given
     args.optimizers = [o for o in train.OPTIMIZERS if o in args.optimizers]
     if args.quick:
         args.budget = QUICK["budget"] if args.budget is None else args.budget
@@ -156,8 +179,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.threads = DEFAULT_THREADS[args.data]
     if args.first_order_eval_every is None:
         args.first_order_eval_every = FIRST_ORDER_EVAL_EVERY[args.data]
-    if args.first_order_eval_every < 1:
-        parser.error("--first-order-eval-every must be >= 1")
+    if args.first_order_eval_every < 1 or args.warmup_steps < 0:
+        parser.error("--first-order-eval-every must be >= 1, --warmup-steps >= 0")
     if args.hf_args is None:
         args.hf_args = " ".join(HF_CPU_ARGS[args.data])
     if args.logdir is None:
@@ -186,6 +209,29 @@ def _lr_tag(lr: float) -> str:
     return f"{lr:g}"
 
 
+def grid_logdir(args: argparse.Namespace) -> Path:
+    """``<logdir>-grid``: a sibling, so that TensorBoard on ``<logdir>`` shows only the compared runs."""
+    logdir = Path(args.logdir)
+    return logdir.with_name(logdir.name + "-grid")
+
+
+def first_order_args(args: argparse.Namespace, optimizer: str, lr: float) -> list:
+    """train.py arguments of a run of ``optimizer`` (not hf) at learning rate ``lr``."""
+    extra = ["--lr", lr, "--warmup-steps", args.warmup_steps, "--eval-every", args.first_order_eval_every]
+    if optimizer == "sgd":
+        extra += ["--momentum", args.momentum]
+    return extra
+
+
+def write_layout(logdir: Path) -> None:
+    """The Custom Scalars layout, in ``logdir`` itself: the plugin merges the
+    layouts of all runs, and this "run" has no scalars of its own to draw."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(logdir)) as writer:
+        writer.add_custom_scalars(LAYOUT)
+
+
 def lr_grid(args: argparse.Namespace, optimizer: str, lrs: Sequence[float]) -> tuple[float, list[dict]]:
     """Train briefly at every rate; return the chosen rate and each grid point's outcome.
 
@@ -197,14 +243,12 @@ def lr_grid(args: argparse.Namespace, optimizer: str, lrs: Sequence[float]) -> t
     points = []
     steps = None
     for lr in sorted(lrs):
-        extra = ["--lr", lr, "--eval-every", args.first_order_eval_every]
-        if optimizer == "sgd":
-            extra += ["--momentum", args.momentum]
+        extra = first_order_args(args, optimizer, lr)
         budget = args.grid_budget
         if steps is not None:  # the time limit is only a safety net here
             extra += ["--max-steps", steps]
             budget = 4 * args.grid_budget
-        logdir = Path(args.logdir) / "grid" / f"{optimizer}-lr{_lr_tag(lr)}"
+        logdir = grid_logdir(args) / f"{optimizer}-lr{_lr_tag(lr)}"
         summary = _train(args, optimizer, args.seeds[0], budget, logdir, extra)
         if steps is None:
             steps = max(summary["steps"], 1)
@@ -261,7 +305,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         f"{cfg['threads']} torch threads on {cfg['cpu_count']} CPUs, torch {cfg['torch']}.",
         "Train loss: cross-entropy over the whole training set in eval mode (BatchNorm statistics "
         "re-estimated on training data), evaluated at the end of every epoch for HF, of every "
-        f"{_every(cfg['first_order_eval_every'])}epoch for SGD/Adam, and of the run. "
+        f"{_every(cfg['first_order_eval_every'])}epoch for the others, and of the run. "
         "Reach: training seconds / epochs until the train loss first got at or below "
         "the lowest train loss SGD reached with the same seed.",
         "",
@@ -364,37 +408,44 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the comparison; returns the report that is also written to results.json."""
     args = parse_args(argv)
     started = time.perf_counter()
+    if "hf" in args.optimizers and not common.hf_available():
+        raise SystemExit("this hfopt has no HFOptimizer; pass --optimizers sgd adam soap")
+    if "soap" in args.optimizers:
+        try:
+            train.load_soap()
+        except ImportError as err:  # fail now, not after the other optimizers' grids
+            raise SystemExit(f"{err}; or leave soap out of --optimizers") from err
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = args.device or ("cuda" if train.torch.cuda.is_available() else "cpu")
-    if "hf" in args.optimizers and not common.hf_available():
-        raise SystemExit("this hfopt has no HFOptimizer; pass --optimizers sgd adam")
+    logdir = Path(args.logdir)
+    if (logdir / "grid").is_dir():
+        print(f"note: {logdir / 'grid'} holds grid runs of an older compare.py, which TensorBoard shows "
+              f"among the compared runs; the grid now goes to {grid_logdir(args)}", flush=True)
+    write_layout(logdir)
     print(f"comparing {', '.join(args.optimizers)} on {args.data}/{args.model}: {args.budget:g} s per run, "
           f"seeds {args.seeds}, lr grid {args.grid_budget:g} s per point", flush=True)
 
     chosen: dict[str, float] = {}
     grids: dict[str, list[dict]] = {}
-    for name, lrs in (("sgd", args.sgd_lrs), ("adam", args.adam_lrs)):
+    for name, lrs in (("sgd", args.sgd_lrs), ("adam", args.adam_lrs), ("soap", args.soap_lrs)):
         if name in args.optimizers:
             chosen[name], grids[name] = lr_grid(args, name, lrs)
             print(f"[grid] {name}: chose lr {_lr_tag(chosen[name])}", flush=True)
 
     hf_extra = shlex.split(args.hf_args)
+    warmup = f" ({args.warmup_steps} warm-up steps)" if args.warmup_steps else ""
     settings = {
         "hf": "batch 512" + (f", {args.hf_args}" if args.hf_args else ", HFOptimizer defaults"),
-        "sgd": f"lr {_lr_tag(chosen.get('sgd', math.nan))}, momentum {args.momentum:g}, batch 128",
-        "adam": f"lr {_lr_tag(chosen.get('adam', math.nan))}, batch 128",
+        "sgd": f"lr {_lr_tag(chosen.get('sgd', math.nan))}{warmup}, momentum {args.momentum:g}, batch 128",
+        "adam": f"lr {_lr_tag(chosen.get('adam', math.nan))}{warmup}, batch 128",
+        "soap": f"lr {_lr_tag(chosen.get('soap', math.nan))}{warmup}, batch 128",
     }
     runs: dict[str, list[dict]] = {name: [] for name in args.optimizers}
     for seed in args.seeds:
         for name in args.optimizers:
-            if name == "hf":
-                extra = list(hf_extra)
-            else:
-                extra = ["--lr", chosen[name], "--eval-every", args.first_order_eval_every]
-                if name == "sgd":
-                    extra += ["--momentum", args.momentum]
-            summary = _train(args, name, seed, args.budget, Path(args.logdir) / f"{name}-s{seed}", extra)
+            extra = list(hf_extra) if name == "hf" else first_order_args(args, name, chosen[name])
+            summary = _train(args, name, seed, args.budget, logdir / f"{name}-s{seed}", extra)
             runs[name].append(summary)
             print(f"[run] {name} seed {seed}: train loss {summary['train_loss']:.4g}, "
                   f"test acc {summary['test_accuracy']:.4f}, {summary['epochs']:.1f} epochs, "
@@ -411,10 +462,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             "data": args.data, "model": args.model, "budget": args.budget, "grid_budget": args.grid_budget,
             "seeds": args.seeds, "optimizers": args.optimizers, "hf_args": args.hf_args,
             "first_order_eval_every": args.first_order_eval_every, "sgd_lrs": args.sgd_lrs,
-            "adam_lrs": args.adam_lrs, "momentum": args.momentum,
+            "adam_lrs": args.adam_lrs, "soap_lrs": args.soap_lrs, "warmup_steps": args.warmup_steps,
+            "momentum": args.momentum,
             "device": device, "threads": train.torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "torch": train.torch.__version__,
             "python": platform.python_version(), "quick": args.quick, "logdir": args.logdir,
+            "grid_logdir": str(grid_logdir(args)),
         },
         "settings": settings,
         "chosen_lr": chosen,
@@ -427,7 +480,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     plot(out / "curves.png", report)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'curves.png'}, {out / 'results.md'}, {out / 'results.json'}; "
-          f"TensorBoard runs in {args.logdir}", flush=True)
+          f"TensorBoard: tensorboard --logdir {args.logdir} (grid runs: --logdir {grid_logdir(args)})",
+          flush=True)
     return report
 
 

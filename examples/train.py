@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Train a BatchNorm network on digits or CIFAR-10 with Hessian-free, SGD or Adam.
+"""Train a BatchNorm network on digits or CIFAR-10 with Hessian-free, SGD, Adam or SOAP.
 
 Examples::
 
     python examples/train.py                                   # HF, digits, digits_convnet_bn
     python examples/train.py --optimizer sgd --lr 0.1 --epochs 30
+    python examples/train.py --optimizer soap --epochs 30   # needs pip install -e ".[examples]"
     python examples/train.py --data cifar10 --model c3d3_bn --optimizer hf \\
         --cg-max-iterations 50 --curvature-batch 128 --time-budget 600
     python examples/train.py --optimizer hf --epochs 40 --resume  # continue a run
@@ -12,18 +13,34 @@ Examples::
 
 What is measured
 ----------------
-* ``train/loss``, ``train/accuracy`` (per step, x = global step): the mini-batch
-  loss and accuracy *before* the step, in train mode.
-* ``train/epoch_loss``, ``train/epoch_accuracy`` (per epoch, x = epoch): one
-  full pass over the training set in eval mode at the epoch's final
-  parameters.  This is the "train loss" of the summary and of compare.py: it
-  is the objective at the current parameters, so it is comparable between
-  optimizers with different batch sizes, unlike a running mean over an
-  epoch of pre-step batch losses (logged too, as ``train/epoch_running_loss``).
-* ``val/*``, ``test/*`` (per epoch): the same pass over the validation and test
-  sets.  Epoch 0 is the initial model.  ``--eval-every K`` evaluates only
-  every K epochs (and at the end of the run), for fast first-order runs
-  whose epochs cost less than the evaluation.
+The x-axis of every TensorBoard record is the number of training examples
+seen so far, so that runs with different batch sizes (HF at 512, SGD at 128)
+line up.  A record that describes the model (a loss, an accuracy) sits at the
+examples the model had been trained on; a record that describes a step (its
+learning rate, its time, HF's diagnostics) at the examples seen once the step
+is done.  Every record's ``walltime`` is the *training clock*: the run's
+first start plus the training seconds so far (saved in the checkpoint, so a
+resumed run continues it), which makes TensorBoard's "Relative" axis training
+seconds, evaluation excluded, and its "Wall" axis a compressed timeline.
+(Relative counts from each chart's first point: x = 0 for the records of
+the model and for ``time/wall``, but the end of the first step for
+``train/lr`` and ``hf/*``, whose Relative is short by that step's time.)
+
+* ``train/loss``, ``train/accuracy`` (per step): the mini-batch loss and
+  accuracy *before* the step, in train mode, at the examples seen before
+  that batch.
+* ``train/epoch_loss``, ``train/epoch_accuracy`` (per evaluation): one full
+  pass over the training set in eval mode.  This is the "train loss" of the
+  summary and of compare.py: it is the objective at the current parameters,
+  so it is comparable between optimizers with different batch sizes, unlike
+  a running mean over an epoch of pre-step batch losses (logged too, as
+  ``train/epoch_running_loss``).
+* ``val/*``, ``test/*`` (per evaluation): the same pass over the validation
+  and test sets.  The evaluations are the initial model (x = 0), the end of
+  every ``--eval-every`` K-th epoch (K > 1 for fast first-order runs whose
+  epochs cost less than the evaluation), and the end of the run, also when
+  it stopped mid-epoch (``--max-steps``, ``--time-budget``), so every curve
+  ends where the run did.
 * Eval mode needs BatchNorm population statistics.  The running averages
   (momentum 0.1, one update per training forward) are still dominated by
   their initial values after the few dozen steps HF takes, which inflates
@@ -31,12 +48,17 @@ What is measured
   of the model re-estimates them on ``--precise-bn`` (default 4096) training
   samples ("precise BN"); training itself is untouched.  ``--precise-bn 0``
   evaluates with the running averages.
-* ``time/wall`` (per step and, as ``time/epoch_wall``, per epoch): training
-  seconds so far, excluding evaluation, checkpointing and start-up.
-* ``final/*`` (x = global step): the evaluation at the end of the run, also
-  when it stopped mid-epoch (``--max-steps``, ``--time-budget``).
-* ``hf/*``: every numeric diagnostic of each Hessian-free step, logged by
-  :class:`hfopt.HFOptimizer` itself.
+* ``train/lr`` (per step, sgd/adam/soap): the learning rate of the step,
+  which rises linearly over the first ``--warmup-steps`` steps.
+* ``time/wall`` (per step, and 0 at x = 0) and ``time/epoch_wall`` (per
+  evaluation): training seconds so far, excluding evaluation, checkpointing
+  and start-up.
+* ``hf/*`` (per HF step): every diagnostic of the step, written by
+  :func:`hfopt.summaries.log_step` (a NaN rho is logged as NaN, and the
+  reasons CG stopped or a step was rejected as text and 0/1 indicators).
+* ``summary/final`` (text, in the Text tab): the end-of-run numbers as a
+  table.  They are not scalars: one-point charts would only crowd the
+  scalar dashboards, and the curves above already end at the same values.
 
 The summary (printed as one JSON line and returned by :func:`main`) has the
 final ``train_loss``/``train_accuracy`` (the eval-mode pass above),
@@ -45,9 +67,17 @@ final ``train_loss``/``train_accuracy`` (the eval-mode pass above),
 parts included), ``wall_seconds`` (this invocation, evaluation included),
 ``stop_reason`` and the per-evaluation ``history``.
 
-Batch sizes: 128 for SGD and Adam; 512 for HF, which takes few expensive
-steps and whose curvature (and CG's solution) is only as good as the batch
-it is estimated on.  Unset HF options keep HFOptimizer's defaults.
+Batch sizes: 128 for SGD, Adam and SOAP; 512 for HF, which takes few
+expensive steps and whose curvature (and CG's solution) is only as good as
+the batch it is estimated on.  Unset HF options keep HFOptimizer's defaults.
+
+Learning rates (sgd 0.1, adam 1e-3, soap 3e-3 unless ``--lr``) rise linearly
+from lr/W to lr over the first W = ``--warmup-steps`` (default 20) steps;
+step k's rate depends only on k, so resuming keeps it.  SOAP is
+``pytorch_optimizer.SOAP``, a Shampoo-preconditioned Adam from the optional
+``pytorch-optimizer`` package (``pip install -e ".[examples]"``); its weight
+decay is decoupled, and ``--weight-decay`` (default 0) replaces its own
+default of 0.01 so that all optimizers start from the same objective.
 
 Threads: ``--threads`` sets torch's CPU threads.  On a machine with other
 load, oversubscribed threads can slow small models down several times;
@@ -98,19 +128,24 @@ from tqdm import tqdm  # noqa: E402
 
 from models import DEFAULT_INPUT, MODELS, build_model  # noqa: E402
 
-OPTIMIZERS = ("hf", "sgd", "adam")
+OPTIMIZERS = ("hf", "sgd", "adam", "soap")
 DATASETS = ("digits", "cifar10")
 DEFAULT_MODEL = {"digits": "digits_convnet_bn", "cifar10": "c3d3_bn"}
 # HF takes few, expensive steps whose curvature estimate improves with the
 # batch, so it gets bigger batches than the first-order methods.
-DEFAULT_BATCH_SIZE = {"hf": 512, "sgd": 128, "adam": 128}
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
+DEFAULT_BATCH_SIZE = {"hf": 512, "sgd": 128, "adam": 128, "soap": 128}
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "soap": 3e-3}
+# A linear warm-up keeps the first steps, taken with Adam/SOAP's still empty
+# moment estimates or SGD's large initial gradients, from throwing the
+# network far off; 20 steps are two epochs on digits, 6% of one on CIFAR-10.
+DEFAULT_WARMUP_STEPS = 20
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+# 2: counts training examples (the TensorBoard x-axis) and the training clock.
+CHECKPOINT_VERSION = 2
 # Arguments that define the training trajectory; --resume refuses to change them.
 TRAJECTORY_ARGS = (
-    "optimizer", "data", "model", "data_seed", "batch_size", "lr", "momentum", "weight_decay",
-    "seed", "curvature", "damping", "cg_max_iterations", "curvature_batch", "hf_option",
+    "optimizer", "data", "model", "data_seed", "batch_size", "lr", "warmup_steps", "momentum",
+    "weight_decay", "seed", "curvature", "damping", "cg_max_iterations", "curvature_batch", "hf_option",
     "precise_bn",
 )
 
@@ -127,7 +162,7 @@ def _count_or_fraction(text: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
-        description="Train a BatchNorm network with Hessian-free optimization, SGD or Adam.",
+        description="Train a BatchNorm network with Hessian-free optimization, SGD, Adam or SOAP.",
         formatter_class=common.HelpFormatter,
     )
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="hf", help="optimizer")
@@ -144,13 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="stop once this many seconds of training (evaluation excluded) have elapsed")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="default: 512 for hf, 128 for sgd and adam")
+                        help="default: 512 for hf, 128 for sgd, adam and soap")
     parser.add_argument("--eval-batch-size", type=int, default=1024, help="batch size of evaluation passes")
     parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate of sgd/adam; default 0.1 for sgd, 1e-3 for adam")
+                        help="learning rate of sgd/adam/soap; default 0.1 for sgd, 1e-3 for adam, "
+                             "3e-3 for soap")
+    parser.add_argument("--warmup-steps", type=int, default=None, metavar="W",
+                        help="sgd/adam/soap: raise the learning rate linearly from lr/W to lr over "
+                             f"the first W steps (default {DEFAULT_WARMUP_STEPS}; 0: no warm-up)")
     parser.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
     parser.add_argument("--weight-decay", type=float, default=0.0,
-                        help="L2 penalty (sgd/adam: their weight_decay; hf: HFOptimizer's weight_decay)")
+                        help="L2 penalty (sgd/adam: their weight_decay; soap: its decoupled "
+                             "weight_decay; hf: HFOptimizer's weight_decay)")
     hf = parser.add_argument_group("Hessian-free options (unset ones keep HFOptimizer's defaults)")
     hf.add_argument("--curvature", choices=("ggn", "hessian"), default=None,
                     help="curvature matrix (HFOptimizer default: ggn)")
@@ -188,8 +228,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.model = DEFAULT_MODEL[args.data]
     if args.batch_size is None:
         args.batch_size = DEFAULT_BATCH_SIZE[args.optimizer]
-    if args.lr is None and args.optimizer in DEFAULT_LR:
-        args.lr = DEFAULT_LR[args.optimizer]
+    if args.optimizer == "hf":
+        if args.lr is not None or args.warmup_steps is not None:
+            parser.error("--lr and --warmup-steps are for sgd/adam/soap; HF has no learning rate")
+    else:
+        if args.lr is None:
+            args.lr = DEFAULT_LR[args.optimizer]
+        if args.warmup_steps is None:
+            args.warmup_steps = DEFAULT_WARMUP_STEPS
+        if args.warmup_steps < 0:
+            parser.error("--warmup-steps must be >= 0")
+    if args.optimizer == "soap":
+        try:
+            load_soap()
+        except ImportError as err:
+            parser.error(str(err))
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.logdir is None:
@@ -296,12 +349,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- model / optimizer
-def make_optimizer(args: argparse.Namespace, model: nn.Module, writer) -> torch.optim.Optimizer:
+def load_soap() -> type:
+    """``pytorch_optimizer.SOAP``, imported only when asked for: it is an optional extra."""
+    try:
+        from pytorch_optimizer import SOAP
+    except ImportError as err:
+        raise ImportError('--optimizer soap needs the pytorch-optimizer package: '
+                          'pip install -e ".[examples]" (or pip install pytorch-optimizer)') from err
+    return SOAP
+
+
+def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                weight_decay=args.weight_decay)
     if args.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "soap":
+        return load_soap()(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     import hfopt
 
     if not hasattr(hfopt, "HFOptimizer"):
@@ -311,7 +376,16 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module, writer) -> torch.
     # too, when this HFOptimizer takes a seed.
     if "seed" in inspect.signature(hfopt.HFOptimizer).parameters:
         options.setdefault("seed", args.seed)
-    return hfopt.HFOptimizer(model.parameters(), writer=writer, **options)
+    # No writer: train.py logs the diagnostics itself, on its own x-axis and clock.
+    return hfopt.HFOptimizer(model.parameters(), **options)
+
+
+def learning_rate(args: argparse.Namespace, step: int) -> float:
+    """The learning rate of the ``step``-th step (1-based) of a first-order run:
+    linear warm-up from lr / W to lr over the first W = ``--warmup-steps``."""
+    if args.warmup_steps and step < args.warmup_steps:
+        return args.lr * step / args.warmup_steps
+    return args.lr
 
 
 def train_step(optimizer, hessian_free: bool, model: nn.Module, loss_fn: nn.Module,
@@ -393,7 +467,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     # never runs code from the file.
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is not a checkpoint of this script (version {checkpoint.get('version')})")
+        raise ValueError(f"{path} is not a checkpoint of this version of train.py (version "
+                         f"{checkpoint.get('version')}, expected {CHECKPOINT_VERSION})")
     return checkpoint
 
 
@@ -406,6 +481,21 @@ def check_resumable(saved: dict[str, Any], args: argparse.Namespace, path: Path)
 
 
 # --------------------------------------------------------------------------- training
+def final_text(args: argparse.Namespace, record: dict[str, Any], stop_reason: str) -> str:
+    """The end-of-run evaluation as a Markdown table, for TensorBoard's Text tab."""
+    setting = f"batch {args.batch_size}" + ("" if args.optimizer == "hf" else f", lr {args.lr:g}")
+    lines = [
+        f"**{args.optimizer}** ({setting}): {record['epoch']:.2f} epochs, {record['step']} steps, "
+        f"{record['examples']} examples, {record['time']:.1f} training seconds; stop reason: {stop_reason}.",
+        "",
+        "| split | loss | accuracy |",
+        "| --- | --- | --- |",
+    ]
+    for split, name in (("train", "train (full pass)"), ("val", "validation"), ("test", "test")):
+        lines.append(f"| {name} | {record[f'{split}_loss']:.6g} | {record[f'{split}_accuracy']:.4f} |")
+    return "\n".join(lines)
+
+
 def _printable(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in summary.items() if k != "history"}
 
@@ -444,12 +534,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    # purge_step hides events a previous (crashed or overwritten) run logged
-    # at or after the step this run starts from.
-    start_step = int(checkpoint["state"]["global_step"]) if checkpoint else 0
-    writer = SummaryWriter(log_dir=str(logdir), purge_step=start_step)
-    optimizer = make_optimizer(args, model, writer)
+    # purge_step hides what a previous (crashed or overwritten) run logged
+    # after the point this run starts from; the records at that very point
+    # (the checkpoint's evaluation) were written before the checkpoint and stay.
+    purge_step = int(checkpoint["state"]["examples"]) + 1 if checkpoint else 0
+    writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
+    optimizer = make_optimizer(args, model)
     hessian_free = args.optimizer == "hf"
+    if hessian_free:
+        from hfopt.summaries import log_step
 
     generator = torch.Generator().manual_seed(args.seed)
     batches = EpochBatches(len(train_set), args.batch_size, generator)
@@ -462,7 +555,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "epoch": 0,               # completed epochs
         "batch_in_epoch": 0,      # batches of the current epoch already trained on
         "global_step": 0,
+        "examples": 0,            # training examples seen: TensorBoard's x-axis
         "train_time": 0.0,
+        # Epoch time of the run's first start: TensorBoard walltimes are this
+        # plus train_time, a clock that skips evaluation and pauses between resumes.
+        "run_start_walltime": time.time(),
         "history": [],            # one record per evaluation (epoch 0 = initial model)
         "running": {"loss": 0.0, "correct": 0, "count": 0},
         "hf": {"steps": 0, "rejected": 0, "cg_iterations": 0, "curvature_products": 0},
@@ -479,6 +576,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         generator.set_state(loader_state)
         set_rng_state(checkpoint["rng"])
 
+    def clock() -> float:
+        return state["run_start_walltime"] + state["train_time"]
+
     def evaluate_all(off_schedule: bool) -> dict[str, Any]:
         eval_model = model
         if args.precise_bn:
@@ -492,6 +592,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "epoch": state["epoch"] + state["batch_in_epoch"] / steps_per_epoch,
             "step": state["global_step"],
+            "examples": state["examples"],
             "time": state["train_time"],
             "train_loss": train_loss, "train_accuracy": train_acc,
             "running_loss": running["loss"] / count if count else math.nan,
@@ -501,25 +602,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "off_schedule": off_schedule,
         }
 
-    def log_epoch(record: dict[str, Any]) -> None:
-        epoch = state["epoch"]
-        writer.add_scalar("train/epoch_loss", record["train_loss"], epoch)
-        writer.add_scalar("train/epoch_accuracy", record["train_accuracy"], epoch)
+    def log_evaluation(record: dict[str, Any]) -> None:
+        x, walltime = record["examples"], state["run_start_walltime"] + record["time"]
+        writer.add_scalar("train/epoch_loss", record["train_loss"], x, walltime=walltime)
+        writer.add_scalar("train/epoch_accuracy", record["train_accuracy"], x, walltime=walltime)
         for split in ("val", "test"):
-            writer.add_scalar(f"{split}/loss", record[f"{split}_loss"], epoch)
-            writer.add_scalar(f"{split}/accuracy", record[f"{split}_accuracy"], epoch)
-        writer.add_scalar("time/epoch_wall", record["time"], epoch)
-        if show:
-            tqdm.write(f"epoch {epoch:4d}  step {record['step']:6d}  {record['time']:8.1f}s  "
+            writer.add_scalar(f"{split}/loss", record[f"{split}_loss"], x, walltime=walltime)
+            writer.add_scalar(f"{split}/accuracy", record[f"{split}_accuracy"], x, walltime=walltime)
+        writer.add_scalar("time/epoch_wall", record["time"], x, walltime=walltime)
+        if show and not record["off_schedule"]:
+            tqdm.write(f"epoch {state['epoch']:4d}  step {record['step']:6d}  {record['time']:8.1f}s  "
                        f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
                        f"val acc {record['val_accuracy']:.4f}  test acc {record['test_accuracy']:.4f}")
 
     def log_running() -> None:
         running = state["running"]
         if running["count"]:
-            writer.add_scalar("train/epoch_running_loss", running["loss"] / running["count"], state["epoch"])
-            writer.add_scalar("train/epoch_running_accuracy", running["correct"] / running["count"],
-                              state["epoch"])
+            x, walltime = state["examples"], clock()
+            writer.add_scalar("train/epoch_running_loss", running["loss"] / running["count"], x,
+                              walltime=walltime)
+            writer.add_scalar("train/epoch_running_accuracy", running["correct"] / running["count"], x,
+                              walltime=walltime)
 
     def checkpoint_now() -> None:
         save_checkpoint(checkpoint_path, {
@@ -535,7 +638,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not state["history"]:
         record = evaluate_all(off_schedule=False)
         state["history"].append(record)
-        log_epoch(record)
+        log_evaluation(record)
+        # TensorBoard's Relative axis counts from a chart's first point: let the clock's chart start at 0.
+        writer.add_scalar("time/wall", 0.0, 0, walltime=clock())
 
     def limit_reached() -> Optional[str]:
         if args.max_steps is not None and state["global_step"] >= args.max_steps:
@@ -560,25 +665,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_iter = iter(loader)
         running = state["running"]
         while state["batch_in_epoch"] < steps_per_epoch:
+            examples_before, walltime_before = state["examples"], clock()
             start = time.perf_counter()
             x, y = next(batch_iter)
+            if not hessian_free:
+                # From the step count alone, not a scheduler's state, so resuming keeps it.
+                lr = learning_rate(args, state["global_step"] + 1)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             loss, correct = train_step(optimizer, hessian_free, model, loss_fn, x, y)
             state["train_time"] += time.perf_counter() - start
             state["global_step"] += 1
             state["batch_in_epoch"] += 1
-            step = state["global_step"]
+            state["examples"] += len(y)
             running["loss"] += loss * len(y)
             running["correct"] += correct
             running["count"] += len(y)
-            writer.add_scalar("train/loss", loss, step)
-            writer.add_scalar("train/accuracy", correct / len(y), step)
-            writer.add_scalar("time/wall", state["train_time"], step)
+            # The batch loss is the model's before the step; what the step did, after it.
+            writer.add_scalar("train/loss", loss, examples_before, walltime=walltime_before)
+            writer.add_scalar("train/accuracy", correct / len(y), examples_before, walltime=walltime_before)
+            examples, walltime = state["examples"], clock()
+            writer.add_scalar("time/wall", state["train_time"], examples, walltime=walltime)
             if hessian_free:
                 info = getattr(optimizer, "last_step", None) or {}
+                log_step(writer, info, global_step=examples, walltime=walltime)
                 state["hf"]["steps"] += 1
                 state["hf"]["rejected"] += int(not info.get("accepted", True))
                 state["hf"]["cg_iterations"] += int(info.get("cg_iterations", 0) or 0)
                 state["hf"]["curvature_products"] += int(info.get("curvature_products", 0) or 0)
+            else:
+                writer.add_scalar("train/lr", lr, examples, walltime=walltime)
             bar.update(1)
             bar.set_postfix(epoch=state["epoch"] + 1, loss=f"{loss:.4f}", refresh=False)
             if not math.isfinite(loss):
@@ -595,7 +711,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if state["epoch"] % args.eval_every == 0 or state["epoch"] == args.epochs:
                 record = evaluate_all(off_schedule=False)
                 state["history"].append(record)
-                log_epoch(record)
+                log_evaluation(record)
             state["running"] = {"loss": 0.0, "correct": 0, "count": 0}
             loader_state = generator.get_state()
             if args.checkpoint_every and state["epoch"] % args.checkpoint_every == 0:
@@ -608,8 +724,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if last["step"] != state["global_step"] or last["off_schedule"]:
         last = evaluate_all(off_schedule=True)
         state["history"].append(last)
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"):
-        writer.add_scalar(f"final/{key}", last[key], state["global_step"])
+        log_evaluation(last)
+    writer.add_text("summary/final", final_text(args, last, stop_reason), state["examples"], walltime=clock())
     checkpoint_now()
     writer.close()
 

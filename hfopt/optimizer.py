@@ -28,6 +28,7 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -38,6 +39,7 @@ from .curvature import GGN, CurvatureOperator, Hessian
 from .damping import LevenbergMarquardt, reduction_ratio
 from .linesearch import armijo
 from .losses import GraphLoss
+from .summaries import log_step
 
 CLOSURE_CONTRACT = ("HFOptimizer.step(closure): the closure must run the model and return "
                     "(loss, outputs), e.g. `outputs = model(x); return loss_fn(outputs, y), outputs`, "
@@ -45,27 +47,63 @@ CLOSURE_CONTRACT = ("HFOptimizer.step(closure): the closure must run the model a
 
 DIAGNOSTICS = {
     "loss_before": "objective (loss + weight decay) at the start of the step",
-    "loss_after": "objective after the step (equals loss_before when the step was rejected)",
+    "loss_after": "objective after the step (equals loss_before when the step was not taken)",
     "damping": "lambda used in this step's CG solve",
     "damping_next": "lambda after the Levenberg-Marquardt update",
-    "rho": "actual / predicted reduction of the CG-backtracked step (nan if undefined)",
+    "rho": "actual / predicted reduction of the CG-backtracked step at step length 1 (nan if undefined)",
     "cg_iterations": "CG iterations",
     "cg_stop_reason": "why CG stopped: relative_progress, max_iterations, negative_curvature, residual, non_finite",
     "backtrack_iteration": "CG iteration of the iterate chosen by CG backtracking",
-    "line_search_step": "step length accepted by the Armijo line search (0 when rejected)",
+    "line_search_step": "step length accepted by the Armijo line search (0 when the step was not taken)",
     "predicted_reduction": "q(d) - q(0) of the undamped quadratic on the curvature batch",
     "actual_reduction": "f(theta + d) - f(theta) on the gradient batch",
     "grad_norm": "norm of the gradient (weight decay included)",
     "step_norm": "norm of the parameter change",
     "curvature_products": "curvature-vector products made in this step",
-    "curvature_time": "seconds spent building the operator and in curvature products",
+    "curvature_time": "seconds building the operator, in curvature products and for the preconditioner "
+                      "(time_build + time_products + time_preconditioner)",
+    "time_gradient": "seconds of the first closure call and the gradient",
+    "time_build": "seconds building the curvature operator",
+    "time_products": "seconds in curvature-vector products (CG)",
+    "time_preconditioner": "seconds estimating the curvature diagonal for the preconditioner",
+    "time_evaluations": "seconds of trial closure calls (CG backtracking, rho, line search)",
+    "time_other": "the rest of wall_time (bookkeeping, CG's vector arithmetic)",
     "evaluations": "closure calls made in this step (the first included)",
     "wall_time": "seconds for the whole step",
     "accepted": "whether the parameters moved",
     "engine": "'rules' (per-layer rules) or 'autograd' (the fallback path); None if rejected before",
     "curvature_samples": "samples in the curvature mini-batch (None on the autograd path)",
-    "rejected": "why the step was rejected by the safety checks (None if it was not)",
+    "rejected": "why the step was not taken: a safety check (non-finite loss, gradient, curvature), rho "
+                "below min_rho, or no step length passing the line search; None if it was taken",
 }
+_TIMES = ("time_gradient", "time_build", "time_products", "time_preconditioner", "time_evaluations")
+
+
+def _new_diagnostics(lam: float) -> Dict[str, Any]:
+    """Every documented key; what a step does not reach stays NaN (floats), 0
+    (counts and times) or None."""
+    diag: Dict[str, Any] = {k: math.nan for k in DIAGNOSTICS}
+    diag.update(evaluations=0, curvature_products=0, accepted=False, engine=None, cg_iterations=0,
+                cg_stop_reason=None, backtrack_iteration=None, curvature_samples=None, rejected=None, damping=lam)
+    diag.update({k: 0.0 for k in _TIMES})
+    return diag
+
+
+@dataclass
+class _Point:
+    """What the first closure call found at the step's starting parameters."""
+    loss: Tensor
+    outputs: Any
+    objective: float
+    g: Tensor
+    capture: "_Capture"
+    buffers_after: List[Tuple[Tensor, Tensor]]
+    model: Any
+    inputs: Any
+    loss_module: Any
+    targets: Any
+    rejected: Optional[str]
+
 
 
 class _Capture:
@@ -122,7 +160,10 @@ class HFOptimizer(torch.optim.Optimizer):
             ``"hessian"`` (indefinite: CG stops at non-positive curvature and
             lambda rises).
         damping: initial Tikhonov damping lambda.
-        damping_bounds: ``(min, max)`` for lambda.
+        damping_bounds: ``(min, max)`` for lambda.  The floor 1e-4 keeps HF
+            stable once the loss is small: there the curvature and the gradient
+            shrink with the loss, and without a floor the damping follows them
+            down until float32 noise in the gradient drives steps of size O(1).
         damping_decrease, damping_increase: LM factors (2/3, 3/2).
         cg_max_iterations: CG iteration cap (Martens: 250).
         cg_eps: Martens' relative-progress threshold (5e-4).
@@ -142,6 +183,14 @@ class HFOptimizer(torch.optim.Optimizer):
             module called on the outputs (``loss_fn(outputs, y)``); a functional
             loss's curvature comes from the closure's graph, on the whole batch.
         backtracking: CG iteration backtracking (Martens 2010).
+        backtrack_below_rho: backtracking walks back over the saved iterates
+            only when rho at the last one is below this (0.25, the damping
+            rule's "poor model" threshold; ``math.inf`` always walks back, as
+            Martens did).  Saves trial evaluations where the model is adequate.
+        min_rho: a step whose reduction ratio rho (at the backtracked iterate,
+            step length 1) is below this, or undefined, is not taken: the
+            parameters stay, lambda rises by the damping rule.  None takes
+            every step the line search passes, as Martens did.
         line_search: Armijo line search (c=1e-2, shrink 0.8).
         line_search_c, line_search_shrink, line_search_max_evaluations.
         weight_decay: L2 coefficient ``wd`` (objective ``f + wd/2 |theta|^2``),
@@ -159,7 +208,7 @@ class HFOptimizer(torch.optim.Optimizer):
         *,
         curvature: str = "ggn",
         damping: float = 1.0,
-        damping_bounds: Tuple[float, float] = (1e-8, 1e8),
+        damping_bounds: Tuple[float, float] = (1e-4, 1e8),
         damping_decrease: float = 2.0 / 3.0,
         damping_increase: float = 1.5,
         cg_max_iterations: int = 250,
@@ -170,6 +219,8 @@ class HFOptimizer(torch.optim.Optimizer):
         preconditioner_samples: int = 1,
         curvature_batch: Optional[float] = None,
         backtracking: bool = True,
+        backtrack_below_rho: float = 0.25,
+        min_rho: Optional[float] = 0.0,
         line_search: bool = True,
         line_search_c: float = 1e-2,
         line_search_shrink: float = 0.8,
@@ -212,6 +263,13 @@ class HFOptimizer(torch.optim.Optimizer):
                 or (isinstance(curvature_batch, float) and 0 < curvature_batch <= 1)):
             raise ValueError("curvature_batch must be an int >= 2 (samples), a float in (0, 1] (fraction) "
                              f"or None, got {curvature_batch!r}")
+        if not (isinstance(backtrack_below_rho, (int, float)) and not isinstance(backtrack_below_rho, bool)
+                and not math.isnan(backtrack_below_rho)):
+            raise ValueError(f"backtrack_below_rho must be a number (math.inf: always backtrack), "
+                             f"got {backtrack_below_rho!r}")
+        if min_rho is not None and not (number(min_rho) and min_rho < 0.25):
+            raise ValueError(f"min_rho must be a number below 1/4 (the damping rule's 'bad model' threshold) "
+                             f"or None, got {min_rho!r}")
         if not (number(line_search_c) and 0 < line_search_c < 1):
             raise ValueError(f"line_search_c must be in (0, 1), got {line_search_c!r}")
         if not (number(line_search_shrink) and 0 < line_search_shrink < 1):
@@ -227,7 +285,7 @@ class HFOptimizer(torch.optim.Optimizer):
             curvature=curvature, cg_max_iterations=cg_max_iterations, cg_eps=cg_eps, warm_start=warm_start,
             preconditioner=preconditioner, preconditioner_exponent=preconditioner_exponent,
             preconditioner_samples=preconditioner_samples, curvature_batch=curvature_batch,
-            backtracking=backtracking, line_search=line_search, line_search_c=line_search_c,
+            backtracking=backtracking, backtrack_below_rho=backtrack_below_rho, min_rho=min_rho, line_search=line_search, line_search_c=line_search_c,
             line_search_shrink=line_search_shrink, line_search_max_evaluations=line_search_max_evaluations,
         )
         self.damping = LevenbergMarquardt(value=damping, decrease=damping_decrease, increase=damping_increase,
@@ -302,20 +360,63 @@ class HFOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise TypeError(CLOSURE_CONTRACT)
         t_start = time.perf_counter()
-        params = self._params()
-        decay = self._decay()
+        params, decay = self._params(), self._decay()
         snapshot = self._snapshot()
-        diag: Dict[str, Any] = {k: math.nan for k in DIAGNOSTICS}
-        # Every documented key is present; what a step did not reach stays NaN
-        # (floats), 0 (counts) or None.
-        diag.update(evaluations=0, curvature_products=0, curvature_time=0.0, accepted=False, engine=None,
-                    cg_iterations=0, cg_stop_reason=None, backtrack_iteration=None, curvature_samples=None,
-                    rejected=None)
         lam = self.damping.value
-        diag["damping"] = lam
+        diag = _new_diagnostics(lam)
 
-        # 1. the closure, with gradients and hooks; p.grad is cleared first so
-        #    that a closure calling backward() itself is caught.
+        point = self._first_call(closure, params, decay, diag)
+        if point.rejected is not None:
+            return self._reject(diag, point.rejected, point.loss, t_start, point.capture, snapshot)
+        theta0 = [p.detach().clone() for p in params]
+        wd_flat = self._flat([torch.full_like(p, wd) for p, wd in zip(params, decay)]) if any(decay) else None
+
+        def evaluate(d: Optional[Tensor]) -> float:
+            """Objective at theta0 + d by the closure, without gradients."""
+            t0 = time.perf_counter()
+            self._set_params(params, theta0, d)
+            with torch.no_grad():
+                val, _ = _unpack(closure())
+            diag["evaluations"] += 1
+            diag["time_evaluations"] += time.perf_counter() - t0
+            return float(val) + _decay_term(params, decay)
+
+        try:
+            B, precond, why = self._curvature(point, params, wd_flat, lam, diag)
+            if why is not None:
+                return self._reject(diag, why, point.loss, t_start, point.capture, snapshot)
+            res = self._solve(B, precond, point.g, lam, params, diag)
+            if res.stop_reason == "non_finite":
+                return self._reject(diag, "non-finite curvature product", point.loss, t_start, point.capture,
+                                    snapshot)
+            # Trial evaluations move the parameters: no curvature product after this point.
+            d, f_new = self._choose_iterate(res, evaluate, point.objective, lam, diag)
+            rho = self._update_damping(res, d, f_new, lam, point.objective, diag)
+            alpha, f_final, why = self._accept(rho, d, f_new, point, evaluate, diag)
+        except BaseException:
+            self._set_params(params, theta0, None)
+            _restore(point.buffers_after)
+            self._roll_back(snapshot)
+            self.damping.value = lam
+            raise
+        accepted = why is None
+        self._set_params(params, theta0, d * alpha if accepted else None)
+        _restore(point.buffers_after)
+        self._store_warm_start(params, res.x)
+        hf = self.state["hf"]
+        hf["step"] += 1
+        hf["damping"] = self.damping.value
+        diag.update(line_search_step=alpha if accepted else 0.0, accepted=accepted, rejected=why,
+                    loss_after=f_final if accepted else point.objective, grad_norm=float(point.g.norm()),
+                    step_norm=float(d.norm() * alpha) if accepted else 0.0, damping_next=self.damping.value)
+        self._finish(diag, hf["step"], t_start)
+        return point.loss.detach()
+
+    # ------------------------------------------------------------------ stages of a step
+    def _first_call(self, closure, params: List[Tensor], decay: List[float], diag: Dict[str, Any]) -> "_Point":
+        """Stage 1: the closure once, with gradients and hooks; ``p.grad`` is
+        cleared first so that a closure calling backward() itself is caught."""
+        t0 = time.perf_counter()
         capture = _Capture()
         saved_grads = [p.grad for p in params]
         for p in params:
@@ -339,137 +440,131 @@ class HFOptimizer(torch.optim.Optimizer):
                 p.grad = gr
             _restore(capture.buffers_before)
             raise
-        buffers_after = capture.buffers_now()
-        objective0 = float(loss.detach()) + _decay_term(params, decay)
-        diag["loss_before"] = objective0
+        objective = float(loss.detach()) + _decay_term(params, decay)
+        diag["loss_before"] = objective
         g = self._flat([torch.zeros_like(p) if gi is None else gi.detach() + wd * p.detach()
                         for p, gi, wd in zip(params, grads, decay)])
         for p, gi in zip(params, grads):
             p.grad = None if gi is None else gi.detach().clone()
-        if not (math.isfinite(objective0) and bool(torch.isfinite(g).all())):
-            return self._reject(diag, "non-finite loss or gradient", loss, t_start, capture, snapshot)
+        finite = math.isfinite(objective) and bool(torch.isfinite(g).all())
+        diag["time_gradient"] = time.perf_counter() - t0
+        return _Point(loss=loss, outputs=outputs, objective=objective, g=g, capture=capture,
+                      buffers_after=capture.buffers_now(), model=model, inputs=inputs, loss_module=loss_module,
+                      targets=targets, rejected=None if finite else "non-finite loss or gradient")
 
-        theta0 = [p.detach().clone() for p in params]
-        wd_flat = self._flat([torch.full_like(p, wd) for p, wd in zip(params, decay)]) \
-            if any(decay) else None
-
-        def evaluate(d: Optional[Tensor]) -> float:
-            """Objective at theta0 + d by the closure, without gradients."""
-            self._set_params(params, theta0, d)
-            with torch.no_grad():
-                val, _ = _unpack(closure())
-            diag["evaluations"] += 1
-            return float(val) + _decay_term(params, decay)
-
+    def _curvature(self, point: "_Point", params: List[Tensor], wd_flat: Optional[Tensor], lam: float,
+                   diag: Dict[str, Any]):
+        """Stage 2: the curvature product ``B`` (timed per product) and the
+        preconditioner; returns ``(B, precond, rejection reason or None)``."""
+        t0 = time.perf_counter()
         try:
-            # 2. curvature operator
-            t_curv = time.perf_counter()
-            try:
-                op, engine, samples = self._operator(model, inputs, loss_module, targets, loss, outputs, params)
-                matvec_raw: Any = op
-            except _EngineUnavailable as why:
-                engine, samples = "autograd", None
-                if not self._warned_autograd:
-                    warnings.warn(f"hfopt: the curvature engine cannot follow this model ({why}); using the "
-                                  "autograd path (exact, slower)", stacklevel=3)
-                    self._warned_autograd = True
-                matvec_raw = _AutogradCurvature(loss, outputs, params, self.options["curvature"])
-            diag.update(engine=engine, curvature_samples=samples)
-            diag["curvature_time"] += time.perf_counter() - t_curv
+            op, engine, samples = self._operator(point.model, point.inputs, point.loss_module, point.targets,
+                                                 point.loss, point.outputs, params)
+            matvec_raw: Any = op
+        except _EngineUnavailable as why:
+            engine, samples = "autograd", None
+            if not self._warned_autograd:
+                warnings.warn(f"hfopt: the curvature engine cannot follow this model ({why}); using the "
+                              "autograd path (exact, slower)", stacklevel=4)
+                self._warned_autograd = True
+            matvec_raw = _AutogradCurvature(point.loss, point.outputs, params, self.options["curvature"])
+        diag.update(engine=engine, curvature_samples=samples)
+        diag["time_build"] = time.perf_counter() - t0
 
-            def B(v: Tensor) -> Tensor:
-                t0 = time.perf_counter()
-                out = matvec_raw.matvec_flat(v)
-                if wd_flat is not None:
-                    out = out + wd_flat * v
-                diag["curvature_products"] += 1
-                diag["curvature_time"] += time.perf_counter() - t0
-                return out
+        def B(v: Tensor) -> Tensor:
+            t1 = time.perf_counter()
+            out = matvec_raw.matvec_flat(v)
+            if wd_flat is not None:
+                out = out + wd_flat * v
+            diag["curvature_products"] += 1
+            diag["time_products"] += time.perf_counter() - t1
+            return out
 
-            # 3. preconditioned, warm-started CG
-            precond = None
-            if self.options["preconditioner"] and isinstance(matvec_raw, _Reordered):
-                t0 = time.perf_counter()
-                dg = self._flat(matvec_raw.diagonal_estimate(self.options["preconditioner_samples"],
-                                                             self._gen(g.device)))
-                diag["curvature_time"] += time.perf_counter() - t0
-                # Hutchinson's estimate (losses without a closed form) can be negative.
-                dg = dg.clamp_min(0)
-                if wd_flat is not None:
-                    dg = dg + wd_flat
-                precond = (dg + lam).pow(self.options["preconditioner_exponent"])
-                if not bool(torch.isfinite(precond).all()):
-                    return self._reject(diag, "non-finite preconditioner (curvature diagonal)", loss, t_start,
-                                        capture, snapshot)
-            x0 = None
-            warm = self._warm_start(params)
-            if warm is not None and self.options["warm_start"] > 0:
-                x0 = warm * self.options["warm_start"]
-            res = cg(lambda v: B(v) + lam * v, -g, x0, precond=precond,
-                     max_iterations=self.options["cg_max_iterations"], eps=self.options["cg_eps"])
-            diag["cg_iterations"] = res.iterations
-            diag["cg_stop_reason"] = res.stop_reason
-            if res.stop_reason == "non_finite":
-                return self._reject(diag, "non-finite curvature product", loss, t_start, capture, snapshot)
+        if not (self.options["preconditioner"] and isinstance(matvec_raw, _Reordered)):
+            return B, None, None
+        t0 = time.perf_counter()
+        dg = self._flat(matvec_raw.diagonal_estimate(self.options["preconditioner_samples"],
+                                                     self._gen(point.g.device)))
+        # Hutchinson's estimate (losses without a closed form) can be negative.
+        dg = dg.clamp_min(0)
+        if wd_flat is not None:
+            dg = dg + wd_flat
+        precond = (dg + lam).pow(self.options["preconditioner_exponent"])
+        diag["time_preconditioner"] = time.perf_counter() - t0
+        if not bool(torch.isfinite(precond).all()):
+            return B, None, "non-finite preconditioner (curvature diagonal)"
+        return B, precond, None
 
-            # 4. CG backtracking (trial evaluations move the parameters; the
-            #    operator must not be applied after this point)
-            if self.options["backtracking"] and len(res.saved) > 1:
-                idx, d, f_new, _ = backtrack(res.saved, evaluate)
-                it = res.saved[idx][0]
-            else:
-                d, it = res.x, res.iterations
-                f_new = evaluate(d)
-            diag["backtrack_iteration"] = it
+    def _solve(self, B, precond: Optional[Tensor], g: Tensor, lam: float, params: List[Tensor],
+               diag: Dict[str, Any]):
+        """Stage 3: preconditioned CG on ``(B + lambda I) d = -g`` from the decayed warm start."""
+        x0 = None
+        warm = self._warm_start(params)
+        if warm is not None and self.options["warm_start"] > 0:
+            x0 = warm * self.options["warm_start"]
+        res = cg(lambda v: B(v) + lam * v, -g, x0, precond=precond,
+                 max_iterations=self.options["cg_max_iterations"], eps=self.options["cg_eps"])
+        diag.update(cg_iterations=res.iterations, cg_stop_reason=res.stop_reason)
+        return res
 
-            # 5. Levenberg-Marquardt.  CG's phi is the damped quadratic
-            #    g.d + d.(B + lam I).d / 2 at each iterate; drop the damping.
-            predicted = res.phi[it] - 0.5 * lam * float(d.dot(d))
-            actual = f_new - objective0
-            rho = reduction_ratio(actual, predicted)
-            diag.update(predicted_reduction=predicted, actual_reduction=actual, rho=rho)
-            self.damping.update(rho)
-            if res.stop_reason == "negative_curvature":
-                self.damping.value = max(self.damping.value,
-                                         min(lam * self.damping.increase, self.damping.maximum))
+    def _choose_iterate(self, res, evaluate: Callable[[Optional[Tensor]], float], objective: float,
+                        lam: float, diag: Dict[str, Any]):
+        """Stage 4: the last CG iterate, or Martens' CG backtracking over the
+        saved iterates when the quadratic predicted the last one poorly (its
+        rho below ``backtrack_below_rho``).  Where the model was adequate at
+        the longest step it is trusted at the shorter ones, whose predicted
+        values are higher, so walking back would cost evaluations for little."""
+        d, f_new = res.x, evaluate(res.x)
+        diag["backtrack_iteration"] = res.iterations
+        if not (self.options["backtracking"] and len(res.saved) > 1):
+            return d, f_new
+        rho_last = reduction_ratio(f_new - objective, res.phi[res.iterations] - 0.5 * lam * float(d.dot(d)))
+        if rho_last >= self.options["backtrack_below_rho"]:
+            return d, f_new
+        known = {id(d): f_new}
+        idx, d, f_new, _ = backtrack(res.saved, lambda x: known[id(x)] if id(x) in known else evaluate(x))
+        diag["backtrack_iteration"] = res.saved[idx][0]
+        return d, f_new
 
-            # 6. line search
-            slope = float(g.dot(d))
-            if self.options["line_search"]:
-                values = {1.0: f_new}
+    def _update_damping(self, res, d: Tensor, f_new: float, lam: float, objective: float,
+                        diag: Dict[str, Any]) -> float:
+        """Stage 5: rho of the chosen iterate and the Levenberg-Marquardt update.
+        CG's phi is the damped quadratic ``g.d + d.(B + lam I).d / 2`` at each
+        iterate; the prediction drops the damping term."""
+        predicted = res.phi[diag["backtrack_iteration"]] - 0.5 * lam * float(d.dot(d))
+        actual = f_new - objective
+        rho = reduction_ratio(actual, predicted)
+        diag.update(predicted_reduction=predicted, actual_reduction=actual, rho=rho)
+        self.damping.update(rho)
+        if res.stop_reason == "negative_curvature":
+            self.damping.value = max(self.damping.value, min(lam * self.damping.increase, self.damping.maximum))
+        return rho
 
-                def along(alpha: float) -> float:
-                    if alpha not in values:
-                        values[alpha] = evaluate(d * alpha)
-                    return values[alpha]
+    def _accept(self, rho: float, d: Tensor, f_new: float, point: "_Point",
+                evaluate: Callable[[Optional[Tensor]], float], diag: Dict[str, Any]):
+        """Stage 6: reject a step the quadratic model got wrong (rho below
+        ``min_rho`` or undefined), else the Armijo line search along it.
+        Returns ``(step length, objective there, rejection reason or None)``."""
+        min_rho = self.options["min_rho"]
+        if min_rho is not None and not rho >= min_rho:
+            return 0.0, point.objective, f"rho {rho:.3g} below min_rho {min_rho:g}"
+        if not self.options["line_search"]:
+            if math.isfinite(f_new):
+                return 1.0, f_new, None
+            return 0.0, point.objective, "non-finite trial loss"
+        values = {1.0: f_new}
 
-                ls = armijo(along, objective0, slope, c=self.options["line_search_c"],
-                            shrink=self.options["line_search_shrink"],
-                            max_evaluations=self.options["line_search_max_evaluations"])
-                alpha, f_final, accepted = ls.step, ls.value, ls.accepted
-            else:
-                accepted = math.isfinite(f_new)
-                alpha, f_final = (1.0, f_new) if accepted else (0.0, objective0)
-        except BaseException:
-            self._set_params(params, theta0, None)
-            _restore(buffers_after)
-            self._roll_back(snapshot)
-            self.damping.value = lam
-            raise
+        def along(alpha: float) -> float:
+            if alpha not in values:
+                values[alpha] = evaluate(d * alpha)
+            return values[alpha]
 
-        # commit
-        self._set_params(params, theta0, d * alpha if accepted else None)
-        _restore(buffers_after)
-        self._store_warm_start(params, res.x)
-        hf = self.state["hf"]
-        hf["step"] += 1
-        hf["damping"] = self.damping.value
-        diag.update(line_search_step=alpha if accepted else 0.0, accepted=accepted,
-                    loss_after=f_final if accepted else objective0,
-                    grad_norm=float(g.norm()), step_norm=float(d.norm() * alpha) if accepted else 0.0,
-                    damping_next=self.damping.value, wall_time=time.perf_counter() - t_start)
-        self._finish(diag, hf["step"])
-        return loss.detach()
+        ls = armijo(along, point.objective, float(point.g.dot(d)), c=self.options["line_search_c"],
+                    shrink=self.options["line_search_shrink"],
+                    max_evaluations=self.options["line_search_max_evaluations"])
+        if not ls.accepted:
+            return 0.0, point.objective, "no step length passed the line search"
+        return ls.step, ls.value, None
 
     # ------------------------------------------------------------------ pieces
     def _operator(self, model, inputs, loss_module, targets, loss, outputs, params):
@@ -550,20 +645,18 @@ class HFOptimizer(torch.optim.Optimizer):
         self.damping.fail()
         self.state["hf"]["damping"] = self.damping.value
         diag.update(accepted=False, rejected=reason, loss_after=diag["loss_before"],
-                    line_search_step=0.0, step_norm=0.0, damping_next=self.damping.value,
-                    wall_time=time.perf_counter() - t_start)
+                    line_search_step=0.0, step_norm=0.0, damping_next=self.damping.value)
         # Logged as the step it would have been (the counter does not move).
-        self._finish(diag, self.state["hf"]["step"] + 1)
+        self._finish(diag, self.state["hf"]["step"] + 1, t_start)
         return loss.detach()
 
-    def _finish(self, diag: Dict[str, Any], global_step: int) -> None:
+    def _finish(self, diag: Dict[str, Any], global_step: int, t_start: float) -> None:
+        diag["wall_time"] = time.perf_counter() - t_start
+        diag["curvature_time"] = diag["time_build"] + diag["time_products"] + diag["time_preconditioner"]
+        diag["time_other"] = max(0.0, diag["wall_time"] - sum(diag[k] for k in _TIMES))
         self.last_step = diag
         if self.writer is not None:
-            for k, v in diag.items():
-                if isinstance(v, bool):
-                    v = float(v)
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(f"hf/{k}", v, global_step)
+            log_step(self.writer, diag, global_step)
 
 
 class _EngineUnavailable(Exception):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +23,8 @@ pytest.importorskip("sklearn")  # the digits data set
 # Small, quick HF solves: the tests check the plumbing, not HF's quality.
 HF_FAST = ["--cg-max-iterations", "10", "--curvature-batch", "64"]
 TIME_KEYS = {"time"}
+TRAIN_SIZE = 1259  # training digits: the examples seen in one epoch
+HAVE_SOAP = importlib.util.find_spec("pytorch_optimizer") is not None
 
 
 @pytest.fixture(autouse=True)
@@ -60,6 +65,18 @@ def without_times(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in history]
 
 
+def events(logdir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(logdir))
+    accumulator.Reload()
+    return accumulator
+
+
+def steps(accumulator, tag: str) -> list[int]:
+    return [e.step for e in accumulator.Scalars(tag)]
+
+
 def test_defaults():
     args = train.parse_args([])
     assert (args.optimizer, args.data, args.model, args.batch_size) == ("hf", "digits", "digits_convnet_bn", 512)
@@ -74,14 +91,38 @@ def test_defaults():
                                     "preconditioner": False, "cg_eps": 1e-3}
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "c3d3_bn"])  # a CIFAR model on 8x8 digits
+    with pytest.raises(SystemExit):
+        train.parse_args(["--lr", "0.1"])  # HF has no learning rate
+    assert train.parse_args(["--optimizer", "sgd"]).warmup_steps == train.DEFAULT_WARMUP_STEPS
+    assert compare.parse_args([]).optimizers == ["hf", "sgd", "adam", "soap"]
+    assert compare.parse_args(["--data", "cifar10"]).hf_args == ""  # HFOptimizer's defaults
+
+
+def test_soap_defaults():
+    pytest.importorskip("pytorch_optimizer", reason="pytorch-optimizer (the examples extra) is not installed")
+    soap = train.parse_args(["--optimizer", "soap"])
+    assert (soap.batch_size, soap.lr, soap.warmup_steps) == (128, 3e-3, train.DEFAULT_WARMUP_STEPS)
+
+
+def test_soap_missing_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)  # makes the import fail
+    with pytest.raises(SystemExit):
+        train.parse_args(["--optimizer", "soap"])
+    assert 'pip install -e ".[examples]"' in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="pytorch-optimizer"):
+        compare.main(["--optimizers", "sgd", "soap", "--logdir", tmp_path / "runs", "--out", tmp_path / "out"])
+    assert not (tmp_path / "out").exists()  # it fails before it writes anything
 
 
 @pytest.mark.parametrize("optimizer, steps, extra", [
     ("sgd", 10, []),
     ("adam", 10, ["--lr", "0.01"]),
+    ("soap", 10, []),
     ("hf", 3, HF_FAST),
 ])
 def test_short_run_lowers_training_loss(tmp_path, optimizer, steps, extra):
+    if optimizer == "soap":
+        pytest.importorskip("pytorch_optimizer", reason="pytorch-optimizer (the examples extra) is not installed")
     summary = run(tmp_path, optimizer, "--optimizer", optimizer, "--max-steps", steps, *extra)
     assert summary["steps"] == steps
     assert summary["stop_reason"] == "max_steps"
@@ -92,27 +133,70 @@ def test_short_run_lowers_training_loss(tmp_path, optimizer, steps, extra):
     assert list((tmp_path / optimizer).glob("events.out.tfevents.*"))
 
 
-def test_tensorboard_scalars(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run(tmp_path, "hf", "--optimizer", "hf", "--epochs", "1", *HF_FAST)
-    events = EventAccumulator(str(tmp_path / "hf"))
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
+def test_tensorboard_axes(tmp_path):
+    """x = training examples seen; walltime = the run's start + training seconds."""
+    summary = run(tmp_path, "hf", "--optimizer", "hf", "--epochs", "1", *HF_FAST)
+    board = events(tmp_path / "hf")
+    tags = set(board.Tags()["scalars"])
     expected = {"train/loss", "train/accuracy", "time/wall", "train/epoch_loss", "train/epoch_accuracy",
                 "val/loss", "val/accuracy", "test/loss", "test/accuracy", "time/epoch_wall",
                 "hf/damping", "hf/cg_iterations", "hf/rho", "hf/loss_before"}
     assert expected <= tags, expected - tags
-    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]  # 1259 digits, batches of 512
-    assert [e.step for e in events.Scalars("val/accuracy")] == [0, 1]
+    assert not any(t.startswith("final/") for t in tags)
+    assert "summary/final/text_summary" in board.Tags()["tensors"]
+    # 1259 digits in batches of 512: the batch losses are the model's before each step ...
+    assert steps(board, "train/loss") == [0, 512, 1024]
+    # ... the step's own records come once it is done, the evaluations at the examples trained on.
+    assert steps(board, "hf/rho") == [512, 1024, TRAIN_SIZE]
+    assert steps(board, "time/wall") == [0, 512, 1024, TRAIN_SIZE]
+    assert steps(board, "val/accuracy") == steps(board, "train/epoch_loss") == [0, TRAIN_SIZE]
+
+    start = checkpoint(tmp_path, "hf")["state"]["run_start_walltime"]
+    clock = [e.value for e in board.Scalars("time/wall")]
+    assert [e.wall_time - start for e in board.Scalars("time/wall")] == pytest.approx(clock, abs=1e-4)
+    assert clock[0] == 0.0
+    assert [e.wall_time - start for e in board.Scalars("train/loss")] == pytest.approx(clock[:-1], abs=1e-4)
+    assert [e.wall_time - start for e in board.Scalars("val/accuracy")] == pytest.approx(
+        [r["time"] for r in summary["history"]], abs=1e-4)
+    assert clock[-1] == pytest.approx(summary["seconds"], rel=1e-5)
+
+
+def test_warmup(tmp_path):
+    args = train.parse_args(["--optimizer", "sgd", "--lr", "0.1", "--warmup-steps", "4"])
+    assert [train.learning_rate(args, k) for k in range(1, 7)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    run(tmp_path, "sgd", "--optimizer", "sgd", "--lr", "0.1", "--warmup-steps", "4", "--max-steps", "6")
+    board = events(tmp_path / "sgd")
+    assert steps(board, "train/lr") == [128 * k for k in range(1, 7)]
+    assert [e.value for e in board.Scalars("train/lr")] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    run(tmp_path, "flat", "--optimizer", "sgd", "--lr", "0.1", "--warmup-steps", "0", "--max-steps", "2")
+    assert [e.value for e in events(tmp_path / "flat").Scalars("train/lr")] == pytest.approx([0.1, 0.1])
+
+
+def test_hf_logs_nan_rho(tmp_path, monkeypatch):
+    import hfopt
+
+    step = hfopt.HFOptimizer.step
+
+    def nan_rho_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        self.last_step = {**self.last_step, "rho": math.nan}
+        return result
+
+    monkeypatch.setattr(hfopt.HFOptimizer, "step", nan_rho_step)
+    run(tmp_path, "hf", "--optimizer", "hf", "--max-steps", "1", *HF_FAST)
+    rho = events(tmp_path / "hf").Scalars("hf/rho")
+    assert [e.step for e in rho] == [512] and math.isnan(rho[0].value)
 
 
 @pytest.mark.parametrize("optimizer, extra", [
     ("sgd", []),
+    ("soap", []),  # its eigenbasis, refreshed every 10th step (the epoch's last), must survive the checkpoint
     # two HF steps per epoch (1259 training digits)
     ("hf", ["--batch-size", "630", *HF_FAST]),
 ])
 def test_resume_continues_identically(tmp_path, optimizer, extra):
+    if optimizer == "soap":
+        pytest.importorskip("pytorch_optimizer", reason="pytorch-optimizer (the examples extra) is not installed")
     base = ["--optimizer", optimizer, *extra]
     straight = run(tmp_path, "straight", *base, "--epochs", "2")
     run(tmp_path, "parts", *base, "--epochs", "1")
@@ -133,9 +217,20 @@ def test_resume_mid_epoch(tmp_path):
     straight = run(tmp_path, "straight", *base, "--max-steps", "14")
     first = run(tmp_path, "parts", *base, "--max-steps", "6")
     assert first["epochs"] == pytest.approx(0.6) and first["history"][-1]["off_schedule"]
+    start = checkpoint(tmp_path, "parts")["state"]["run_start_walltime"]
     resumed = run(tmp_path, "parts", *base, "--max-steps", "14", "--resume")
     assert_same_tensors(without_times(resumed["history"]), without_times(straight["history"]), "history")
     assert_same_tensors(checkpoint(tmp_path, "straight")["model"], checkpoint(tmp_path, "parts")["model"])
+    # The event files of both parts read as one run: one point per step, the same
+    # losses, and a training clock that goes on from where the first part stopped.
+    assert checkpoint(tmp_path, "parts")["state"]["run_start_walltime"] == start
+    whole, parts = events(tmp_path / "straight"), events(tmp_path / "parts")
+    # 10 batches per epoch: nine of 128 and one of 107 training digits
+    seen = [128 * k for k in range(10)] + [TRAIN_SIZE + 128 * k for k in range(4)]
+    assert steps(parts, "train/loss") == steps(whole, "train/loss") == seen
+    assert [e.value for e in parts.Scalars("train/loss")] == [e.value for e in whole.Scalars("train/loss")]
+    clock = [e.wall_time - start for e in parts.Scalars("time/wall")]
+    assert clock == sorted(clock) and clock[-1] == pytest.approx(resumed["seconds"], abs=1e-4)
 
 
 def test_eval_every(tmp_path):
@@ -158,18 +253,45 @@ def test_time_budget_stops(tmp_path):
 
 
 def test_compare_quick_writes_outputs(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    names = ["hf", "sgd", "adam"] + (["soap"] if HAVE_SOAP else [])
     out = tmp_path / "out"
     report = compare.main(["--quick", "--threads", "1", "--budget", "1", "--grid-budget", "0.2",
-                           "--sgd-lrs", "0.1", "0.03",
+                           "--optimizers", *names, "--sgd-lrs", "0.1", "0.03", "--adam-lrs", "1e-3",
+                           "--soap-lrs", "3e-3", "--warmup-steps", "5",
                            "--hf-args", " ".join(HF_FAST), "--logdir", tmp_path / "runs", "--out", out])
     for name in ("curves.png", "results.md", "results.json"):
         assert (out / name).stat().st_size > 0
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
-    assert "| Hessian-free |" in table and "| SGD + momentum |" in table
+    for name in names:
+        assert f"| {compare.LABELS[name]} |" in table
     saved = json.loads((out / "results.json").read_text())
     assert saved["chosen_lr"]["sgd"] in (0.1, 0.03)
     assert {r["lr"] for r in saved["grids"]["sgd"]} == {0.1, 0.03}
-    assert set(saved["runs"]) == {"hf", "sgd"} == set(report["runs"])
-    for name in ("hf", "sgd"):
-        assert (tmp_path / "runs" / f"{name}-s0" / train.CHECKPOINT_NAME).is_file()
+    assert set(saved["runs"]) == set(names) == set(report["runs"])
+    assert all(run["reach"] is not None for run in saved["runs"]["sgd"])  # SGD reaches its own best
+
+    runs = {name: tmp_path / "runs" / f"{name}-s0" for name in names}
+    for logdir in runs.values():
+        assert (logdir / train.CHECKPOINT_NAME).is_file()
+    # The grid is a sibling logdir: TensorBoard on runs/ shows only the compared runs.
+    assert not (tmp_path / "runs" / "grid").exists()
+    grid = {p.name for p in (tmp_path / "runs-grid").iterdir()}
+    assert {"sgd-lr0.1", "sgd-lr0.03", "adam-lr0.001"} <= grid
+    first = [e.value for e in events(tmp_path / "runs-grid" / "sgd-lr0.1").Scalars("train/lr")][:5]
+    assert first == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # the grid warms up too
+
+    # One Custom Scalars layout in runs/ itself; every chart's regex (matched the
+    # plugin's way, re.match) picks out a tag in every compared run.
+    top = events(tmp_path / "runs")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(top.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    regexes = [tag for category in layout.category for chart in category.chart
+               for tag in chart.multiline.tag]
+    assert {"^train/epoch_loss$", "^train/loss$", "^val/accuracy$", "^test/accuracy$"} <= set(regexes)
+    for name, logdir in runs.items():
+        tags = events(logdir).Tags()["scalars"]
+        for regex in regexes:
+            assert [t for t in tags if re.match(regex, t)], (name, regex)

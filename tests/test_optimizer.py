@@ -205,7 +205,7 @@ def test_logistic_regression_reaches_scipy_optimum():
     loss_fn = nn.BCEWithLogitsLoss()
     closure = closure_for(model, loss_fn, x, y.unsqueeze(1))
 
-    xa, ya = x.numpy(), y.numpy()
+    xa, ya = x.double().numpy(), y.double().numpy()
 
     def objective(theta):
         w, b = theta[:d], theta[d]
@@ -217,7 +217,8 @@ def test_logistic_regression_reaches_scipy_optimum():
 
     ref = scipy.optimize.minimize(objective, np.zeros(d + 1), jac=True, method="BFGS",
                                   options=dict(gtol=1e-10, maxiter=10000))
-    assert ref.success
+    # BFGS may end on "precision loss" a hair short of gtol; what matters is a stationary point.
+    assert np.abs(objective(ref.x)[1]).max() < 1e-8
     losses = []
     for _ in range(8):
         opt.step(closure)
@@ -355,7 +356,7 @@ def test_warm_start_from_decayed_last_iterate(monkeypatch):
     model = bn_convnet()
     spy = CGSpy()
     monkeypatch.setattr(hfo, "cg", spy)
-    opt = hfopt.HFOptimizer(model.parameters())
+    opt = hfopt.HFOptimizer(model.parameters(), backtrack_below_rho=math.inf)
     closure = closure_for(model, nn.CrossEntropyLoss(), x, y)
     params = list(model.parameters())
     earlier = 0
@@ -396,7 +397,7 @@ def test_warm_start_ignores_backtracked_iterate(monkeypatch):
 
     spy = CGSpy(spoil)
     monkeypatch.setattr(hfo, "cg", spy)
-    opt = hfopt.HFOptimizer(model.parameters(), damping=1e-2, preconditioner=False)
+    opt = hfopt.HFOptimizer(model.parameters(), damping=1e-2, preconditioner=False, backtrack_below_rho=math.inf)
     closure = closure_for(model, nn.CrossEntropyLoss(), x, y)
     theta0 = flat(model.parameters())
     opt.step(closure)
@@ -416,7 +417,7 @@ def test_backtracking_follows_martens_rule(monkeypatch):
     model = bn_convnet()
     spy = CGSpy()
     monkeypatch.setattr(hfo, "cg", spy)
-    opt = hfopt.HFOptimizer(model.parameters(), curvature_batch=12, damping=0.3)
+    opt = hfopt.HFOptimizer(model.parameters(), curvature_batch=12, damping=0.3, backtrack_below_rho=math.inf)
     ce = nn.CrossEntropyLoss()
     closure = closure_for(model, ce, x, y)
     params = list(model.parameters())
@@ -447,7 +448,8 @@ def test_armijo_line_search_shrinks_too_long_step(monkeypatch):
     scale = 6.0
     spy = CGSpy(lambda res, mv, b: single_iterate(res, res.x * scale, mv, b))
     monkeypatch.setattr(hfo, "cg", spy)
-    opt = hfopt.HFOptimizer(model.parameters(), damping=1e-2)
+    # min_rho=None: the overlong step has rho < 0, which would be rejected before the line search.
+    opt = hfopt.HFOptimizer(model.parameters(), damping=1e-2, min_rho=None)
     ce = nn.CrossEntropyLoss()
     closure = closure_for(model, ce, x, y)
     theta0 = flat(model.parameters())
@@ -481,7 +483,8 @@ def test_line_search_without_passing_step_rejects(monkeypatch, how):
     model = mlp()
     factor = -1.0 if how == "ascent" else 1e4
     monkeypatch.setattr(hfo, "cg", CGSpy(lambda res, mv, b: single_iterate(res, res.x * factor, mv, b)))
-    opt = hfopt.HFOptimizer(model.parameters(), line_search_max_evaluations=3)
+    # min_rho=None: this checks the line search, which a rho < 0 rejection would pre-empt.
+    opt = hfopt.HFOptimizer(model.parameters(), line_search_max_evaluations=3, min_rho=None)
     before = [p.detach().clone() for p in model.parameters()]
     opt.step(closure_for(model, nn.CrossEntropyLoss(), x, y))
     s = opt.last_step
@@ -731,8 +734,9 @@ def test_functional_loss_uses_rules():
     x, y = classification_data()
     model = mlp()
     # small damping: the preconditioner's Hutchinson diagonal (no closed-form
-    # loss) can be negative and must not poison the preconditioner
-    opt = hfopt.HFOptimizer(model.parameters(), damping=1e-3)
+    # loss) can be negative and must not poison the preconditioner; min_rho=None
+    # takes the first, overlong steps through the line search instead of declining them
+    opt = hfopt.HFOptimizer(model.parameters(), damping=1e-3, min_rho=None)
 
     def closure():
         outputs = model(x)
@@ -741,7 +745,9 @@ def test_functional_loss_uses_rules():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         losses = [float(opt.step(closure)) for _ in range(5)]
-        assert opt.last_step["engine"] == "rules" and opt.last_step["rejected"] is None
+        # No safety rejection (a warning would raise); a step the model got wrong may be declined.
+        assert opt.last_step["engine"] == "rules" and not opt.last_step["rejected"] or \
+            opt.last_step["rejected"].startswith("rho")
     assert losses[-1] < losses[0]
 
 
@@ -861,9 +867,13 @@ def test_bad_group_weight_decay():
 class FakeWriter:
     def __init__(self):
         self.scalars = []
+        self.texts = []
 
-    def add_scalar(self, tag, value, step):
+    def add_scalar(self, tag, value, step, walltime=None):
         self.scalars.append((tag, value, step))
+
+    def add_text(self, tag, text, step, walltime=None):
+        self.texts.append((tag, text, step))
 
 
 def test_diagnostics_and_writer():
@@ -910,6 +920,45 @@ def test_every_registered_model_steps_with_rules(name):
         warnings.simplefilter("error")
         opt.step(closure_for(model, nn.CrossEntropyLoss(), x, y))
     s = opt.last_step
-    assert s["engine"] == "rules" and s["rejected"] is None and s["curvature_samples"] == 4
+    # No safety rejection (a warning would raise); on 4 of 6 samples the model may be declined (rho < 0).
+    assert s["engine"] == "rules" and s["curvature_samples"] == 4
+    assert s["rejected"] is None or s["rejected"].startswith("rho")
     assert math.isfinite(s["loss_after"]) and s["loss_after"] <= s["loss_before"]
     assert_bitwise(bn_state(model), bn_state(reference))
+
+
+# ----------------------------------------------------------------------------- late divergence
+def _digits_subset_run(steps: int, **options) -> list:
+    """HF on 256 bundled digits, batches of 64 in turn, float32 like training;
+    the whole-set loss after every step."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    X, Y = datasets.load_digits(return_X_y=True)
+    x = torch.tensor(X[:256], dtype=torch.float32) / 16
+    y = torch.tensor(Y[:256])
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 10)).float()
+    opt = hfopt.HFOptimizer(model.parameters(), **options)
+    ce = nn.CrossEntropyLoss()
+    full = []
+    for t in range(steps):
+        xb, yb = x[64 * (t % 4):64 * (t % 4 + 1)], y[64 * (t % 4):64 * (t % 4 + 1)]
+        opt.step(closure_for(model, ce, xb, yb))
+        with torch.no_grad():
+            full.append(float(ce(model(x), y)))
+    return full
+
+
+@pytest.mark.slow
+def test_no_late_divergence_once_the_loss_is_small():
+    """The README's digits run diverged late: lambda followed the vanishing
+    curvature down to 1e-8 and float32 noise in the gradient then drove O(1)
+    steps.  The same happens here with the old floor; the defaults hold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        old = _digits_subset_run(80, damping_bounds=(1e-8, 1e8), min_rho=None)
+        new = _digits_subset_run(80)
+    finally:
+        torch.set_num_threads(threads)
+    assert old[-1] > 100 * min(old)  # the reproduction: the old settings blow up
+    assert new[-1] <= 2 * min(new) and min(new) < 1e-3
