@@ -851,6 +851,10 @@ def test_autograd_path_agrees_with_rules(curvature):
     (dict(line_search_max_evaluations=0), "line_search_max_evaluations"),
     (dict(weight_decay=-1e-3), "weight_decay"),
     (dict(writer=object()), "writer"),
+    (dict(min_rho=0.5), "min_rho"),
+    (dict(min_rho="0"), "min_rho"),
+    (dict(backtrack_below_rho=math.nan), "backtrack_below_rho"),
+    (dict(backtrack_below_rho="inf"), "backtrack_below_rho"),
 ])
 def test_bad_options_raise_value_error_naming_them(kwargs, name):
     model = nn.Linear(2, 1)
@@ -962,3 +966,79 @@ def test_no_late_divergence_once_the_loss_is_small():
         torch.set_num_threads(threads)
     assert old[-1] > 100 * min(old)  # the reproduction: the old settings blow up
     assert new[-1] <= 2 * min(new) and min(new) < 1e-3
+
+
+# ----------------------------------------------------------------------------- declining and backtracking
+def test_default_damping_floor():
+    opt = hfopt.HFOptimizer(nn.Linear(2, 1).parameters())
+    assert (opt.damping.minimum, opt.damping.maximum) == (1e-4, 1e8)
+
+
+@pytest.mark.parametrize("min_rho", [0.0, None])
+def test_step_with_negative_rho_is_declined(monkeypatch, min_rho):
+    """A 6x overlong CG step raises the loss while CG's record promises a
+    decrease (rho < 0): by default the parameters stay and lambda rises;
+    min_rho=None hands the step to the line search."""
+    x, y = classification_data()
+    model = mlp()
+
+    def overlong(res, matvec, b):
+        out = single_iterate(res, res.x * 6.0, matvec, b)
+        out.phi[-1] = -1.0  # the quadratic's (false) promise: predicted < 0
+        return out
+
+    monkeypatch.setattr(hfo, "cg", CGSpy(overlong))
+    opt = hfopt.HFOptimizer(model.parameters(), damping=1e-2, min_rho=min_rho)
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # declining is the model's verdict, not a safety warning
+        opt.step(closure_for(model, nn.CrossEntropyLoss(), x, y))
+    s = opt.last_step
+    assert s["rho"] < 0 and s["damping_next"] == pytest.approx(1.5e-2)
+    if min_rho is None:
+        assert s["accepted"] and 0 < s["line_search_step"] < 1 and s["rejected"] is None
+        assert s["loss_after"] < s["loss_before"]
+    else:
+        assert not s["accepted"] and s["rejected"].startswith("rho") and s["evaluations"] == 2
+        assert s["loss_after"] == s["loss_before"] and s["step_norm"] == 0.0
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.state["hf"]["step"] == 1
+
+
+def test_backtracking_walks_back_only_where_the_model_was_poor(monkeypatch):
+    x, y = classification_data()
+    closure_model = mlp()
+    spy = CGSpy()
+    monkeypatch.setattr(hfo, "cg", spy)
+    opt = hfopt.HFOptimizer(closure_model.parameters(), damping=1.0)
+    opt.step(closure_for(closure_model, nn.CrossEntropyLoss(), x, y))
+    s, res = opt.last_step, spy.calls[0]["res"]
+    assert len(res.saved) > 1 and s["rho"] >= 0.25
+    assert s["backtrack_iteration"] == res.iterations and s["evaluations"] == 2  # no walk back
+
+    model = mlp()
+
+    def spoil(res, matvec, b):  # the last iterate 40x too long: rho there is far below 1/4
+        bad = res.x * 40.0
+        return CGResult(x=bad, saved=res.saved[:-1] + [(res.saved[-1][0], bad)], iterations=res.iterations,
+                        stop_reason=res.stop_reason, phi=res.phi[:-1] + [phi(matvec, b, bad)], matvecs=res.matvecs)
+
+    spy = CGSpy(spoil)
+    monkeypatch.setattr(hfo, "cg", spy)
+    opt = hfopt.HFOptimizer(model.parameters(), damping=1e-2, preconditioner=False)
+    opt.step(closure_for(model, nn.CrossEntropyLoss(), x, y))
+    s, res = opt.last_step, spy.calls[0]["res"]
+    assert s["backtrack_iteration"] < res.iterations and s["evaluations"] >= 3
+    assert s["rho"] >= 0 and s["accepted"]
+
+
+def test_step_time_split_adds_up():
+    x, y = image_data()
+    model = bn_convnet()
+    opt = hfopt.HFOptimizer(model.parameters())
+    opt.step(closure_for(model, nn.CrossEntropyLoss(), x, y))
+    s = opt.last_step
+    parts = ["time_gradient", "time_build", "time_products", "time_preconditioner", "time_evaluations", "time_other"]
+    assert all(s[k] >= 0 for k in parts) and all(s[k] > 0 for k in parts[:5])
+    assert sum(s[k] for k in parts) == pytest.approx(s["wall_time"], rel=1e-9)
+    assert s["curvature_time"] == pytest.approx(s["time_build"] + s["time_products"] + s["time_preconditioner"])
