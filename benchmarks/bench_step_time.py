@@ -15,7 +15,6 @@ preconditioner >= 85% of the wall time, trial evaluations <= 10%.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from pathlib import Path
 
@@ -34,14 +33,6 @@ KEYS = ("time_gradient", "time_build", "time_products", "time_preconditioner", "
 CURVATURE = ("time_build", "time_products", "time_preconditioner")
 
 
-def options(pairs: list[str]) -> dict:
-    out = {}
-    for item in pairs:
-        key, _, text = item.partition("=")
-        out[key.strip()] = ast.literal_eval(text.strip())
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR))
@@ -56,7 +47,7 @@ def main() -> None:
     if len(x) < args.batch * args.steps:
         raise SystemExit(f"{len(x)} training images: too few for {args.steps} batches of {args.batch}")
     model = build_model("c3d3_bn", num_classes=10).train()
-    opt = hfopt.HFOptimizer(model.parameters(), **options(args.hf_option))
+    opt = hfopt.HFOptimizer(model.parameters(), **common.parse_hf_options(args.hf_option))
     ce = nn.CrossEntropyLoss()
     total = dict.fromkeys(KEYS, 0.0)
     wall = 0.0

@@ -9,6 +9,7 @@ over any other installed copy, since the examples document this checkout.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import sys
@@ -49,6 +50,30 @@ def load_data(name: str, data_dir: Optional[str] = None, seed: int = 0) -> dict[
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = load_dataset(name, data_dir=folder, seed=seed)
     return _DATA_CACHE[key]
+
+
+def parse_hf_options(items: Iterable[str]) -> dict[str, Any]:
+    """``--hf-option KEY=VALUE`` items as HFOptimizer keywords, each VALUE a
+    Python literal (a bare word such as ggn stays a string)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--hf-option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            options[key] = text.strip()
+    return options
+
+
+def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
+    """The learning rate of the ``step``-th step (1-based): linear warm-up
+    from lr / W to lr over the first W = ``warmup_steps`` steps."""
+    if warmup_steps and step < warmup_steps:
+        return lr * step / warmup_steps
+    return lr
 
 
 def hf_available() -> bool:

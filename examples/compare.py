@@ -84,8 +84,6 @@ DEFAULT_BUDGET = {"digits": 45.0, "cifar10": 600.0}
 DEFAULT_SGD_LRS = (1.0, 0.3, 0.1, 0.03, 0.01)
 DEFAULT_ADAM_LRS = (3e-3, 1e-3, 3e-4)
 DEFAULT_SOAP_LRS = (1e-2, 3e-3, 1e-3)
-# Everything HF gets beyond HFOptimizer's defaults and the batch size, per data set.
-HF_CPU_ARGS = {"digits": [], "cifar10": []}
 QUICK = {"budget": 2.0, "grid_budget": 0.4}
 # SGD/Adam/SOAP epochs take less time than an evaluation pass (20k images on
 # CIFAR-10, a few hundred first-order epochs on digits); evaluating every 5th /
@@ -139,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--first-order-eval-every", type=int, default=None, metavar="EPOCHS",
                         help="evaluate SGD/Adam/SOAP every this many epochs (default: 5 for digits, 2 "
                              "for cifar10); HF is evaluated every epoch")
-    parser.add_argument("--hf-args", default=None,
+    parser.add_argument("--hf-args", default="",
                         help="extra train.py arguments for the HF runs, one quoted string, "
                              "e.g. --hf-args='--damping 10' (default: none, HFOptimizer's defaults)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -181,8 +179,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.first_order_eval_every = FIRST_ORDER_EVAL_EVERY[args.data]
     if args.first_order_eval_every < 1 or args.warmup_steps < 0:
         parser.error("--first-order-eval-every must be >= 1, --warmup-steps >= 0")
-    if args.hf_args is None:
-        args.hf_args = " ".join(HF_CPU_ARGS[args.data])
     if args.logdir is None:
         args.logdir = str(Path("runs") / f"compare-{args.data}")
     if args.out is None:

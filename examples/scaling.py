@@ -83,7 +83,6 @@ curvature batch, a looser target)::
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.metadata
 import math
 import os
@@ -196,29 +195,14 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
-        hf_options(args.hf_option)
+        common.parse_hf_options(args.hf_option)
     except ValueError as err:
         parser.error(str(err))
 
 
-def hf_options(items: Sequence[str]) -> dict[str, Any]:
-    """``["cg_max_iterations=10"]`` -> ``{"cg_max_iterations": 10}``."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--hf-option expects KEY=VALUE, got {item!r}")
-        try:
-            options[key] = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError):
-            options[key] = text.strip()  # a bare word such as ggn
-    return options
-
-
 def soap_available() -> bool:
     try:
-        from pytorch_optimizer import SOAP  # noqa: F401
+        train.load_soap()
     except ImportError:
         return False
     return True
@@ -262,14 +246,12 @@ def make_optimizer(name: str, model: nn.Module, lr: Optional[float], args: argpa
     if name == "hf":
         import hfopt
 
-        return hfopt.HFOptimizer(model.parameters(), **hf_options(args.hf_option))
+        return hfopt.HFOptimizer(model.parameters(), **common.parse_hf_options(args.hf_option))
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
-    from pytorch_optimizer import SOAP
-
-    return SOAP(model.parameters(), lr=lr, weight_decay=0.0)
+    return train.load_soap()(model.parameters(), lr=lr, weight_decay=0.0)
 
 
 class Run:
@@ -298,7 +280,7 @@ class Run:
     def _warm_up(self) -> None:
         if self.lr is not None:
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr * min(1.0, (self.steps + 1) / self.args.warmup_steps)
+                group["lr"] = common.warmup_lr(self.lr, self.args.warmup_steps, self.steps + 1)
 
     def _closure(self, x: torch.Tensor, y: torch.Tensor):
         if self.name == "hf":

@@ -7,7 +7,7 @@ Examples::
     python examples/train.py --optimizer sgd --lr 0.1 --epochs 30
     python examples/train.py --optimizer soap --epochs 30   # needs pip install -e ".[examples]"
     python examples/train.py --data cifar10 --model c3d3_bn --optimizer hf \\
-        --cg-max-iterations 50 --curvature-batch 128 --time-budget 600
+        --time-budget 600
     python examples/train.py --optimizer hf --epochs 40 --resume  # continue a run
     tensorboard --logdir runs
 
@@ -104,7 +104,6 @@ the loader (``num_workers=0``) draws each epoch's shuffle from its own seeded
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import inspect
 import json
@@ -274,15 +273,7 @@ def hf_options(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             options[name] = value
     options["weight_decay"] = args.weight_decay
-    for item in args.hf_option:
-        key, sep, text = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--hf-option expects KEY=VALUE, got {item!r}")
-        try:
-            options[key] = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError):
-            options[key] = text.strip()  # a bare word such as ggn
+    options.update(common.parse_hf_options(args.hf_option))
     return options
 
 
@@ -381,11 +372,8 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Op
 
 
 def learning_rate(args: argparse.Namespace, step: int) -> float:
-    """The learning rate of the ``step``-th step (1-based) of a first-order run:
-    linear warm-up from lr / W to lr over the first W = ``--warmup-steps``."""
-    if args.warmup_steps and step < args.warmup_steps:
-        return args.lr * step / args.warmup_steps
-    return args.lr
+    """The learning rate of the ``step``-th step (1-based) of a first-order run."""
+    return common.warmup_lr(args.lr, args.warmup_steps, step)
 
 
 def train_step(optimizer, hessian_free: bool, model: nn.Module, loss_fn: nn.Module,

@@ -208,7 +208,9 @@ def cg(
 
 
 def backtrack(
-    saved: list[tuple[int, Tensor]], objective: Callable[[Tensor], float]
+    saved: list[tuple[int, Tensor]],
+    objective: Callable[[Tensor], float],
+    last_value: Optional[float] = None,
 ) -> tuple[int, Tensor, float, int]:
     """Martens' CG backtracking over the iterates saved by :func:`cg`.
 
@@ -218,6 +220,8 @@ def backtrack(
     when the objective along the saved sequence is unimodal, as Martens (2010)
     assumed; otherwise it finds a local best nearest the end and avoids
     evaluating every iterate.  Non-finite objective values count as +inf.
+    ``last_value``, if given, is the objective at the last saved iterate,
+    already known to the caller, and is not evaluated again.
 
     Returns ``(index into saved, iterate, objective value, evaluations)``.
     """
@@ -229,8 +233,10 @@ def backtrack(
         return value if math.isfinite(value) else math.inf
 
     best_index = len(saved) - 1
-    best_value = evaluate(saved[best_index][1])
-    evaluations = 1
+    if last_value is None:
+        best_value, evaluations = evaluate(saved[best_index][1]), 1
+    else:
+        best_value, evaluations = (last_value if math.isfinite(last_value) else math.inf), 0
     for index in range(len(saved) - 2, -1, -1):
         value = evaluate(saved[index][1])
         evaluations += 1

@@ -285,8 +285,9 @@ class HFOptimizer(torch.optim.Optimizer):
             curvature=curvature, cg_max_iterations=cg_max_iterations, cg_eps=cg_eps, warm_start=warm_start,
             preconditioner=preconditioner, preconditioner_exponent=preconditioner_exponent,
             preconditioner_samples=preconditioner_samples, curvature_batch=curvature_batch,
-            backtracking=backtracking, backtrack_below_rho=backtrack_below_rho, min_rho=min_rho, line_search=line_search, line_search_c=line_search_c,
-            line_search_shrink=line_search_shrink, line_search_max_evaluations=line_search_max_evaluations,
+            backtracking=backtracking, backtrack_below_rho=backtrack_below_rho, min_rho=min_rho,
+            line_search=line_search, line_search_c=line_search_c, line_search_shrink=line_search_shrink,
+            line_search_max_evaluations=line_search_max_evaluations,
         )
         self.damping = LevenbergMarquardt(value=damping, decrease=damping_decrease, increase=damping_increase,
                                           minimum=damping_bounds[0], maximum=damping_bounds[1])
@@ -390,8 +391,8 @@ class HFOptimizer(torch.optim.Optimizer):
                 return self._reject(diag, "non-finite curvature product", point.loss, t_start, point.capture,
                                     snapshot)
             # Trial evaluations move the parameters: no curvature product after this point.
-            d, f_new = self._choose_iterate(res, evaluate, point.objective, lam, diag)
-            rho = self._update_damping(res, d, f_new, lam, point.objective, diag)
+            it, d, f_new = self._choose_iterate(res, evaluate, point.objective, lam)
+            rho = self._update_damping(res, it, d, f_new, lam, point.objective, diag)
             alpha, f_final, why = self._accept(rho, d, f_new, point, evaluate, diag)
         except BaseException:
             self._set_params(params, theta0, None)
@@ -508,33 +509,29 @@ class HFOptimizer(torch.optim.Optimizer):
         return res
 
     def _choose_iterate(self, res, evaluate: Callable[[Optional[Tensor]], float], objective: float,
-                        lam: float, diag: Dict[str, Any]):
+                        lam: float) -> Tuple[int, Tensor, float]:
         """Stage 4: the last CG iterate, or Martens' CG backtracking over the
         saved iterates when the quadratic predicted the last one poorly (its
         rho below ``backtrack_below_rho``).  Where the model was adequate at
         the longest step it is trusted at the shorter ones, whose predicted
-        values are higher, so walking back would cost evaluations for little."""
-        d, f_new = res.x, evaluate(res.x)
-        diag["backtrack_iteration"] = res.iterations
+        values are higher, so walking back would cost evaluations for little.
+        Returns ``(CG iteration, iterate, objective there)``."""
+        it, d = res.saved[-1]
+        f_new = evaluate(d)
         if not (self.options["backtracking"] and len(res.saved) > 1):
-            return d, f_new
-        rho_last = reduction_ratio(f_new - objective, res.phi[res.iterations] - 0.5 * lam * float(d.dot(d)))
-        if rho_last >= self.options["backtrack_below_rho"]:
-            return d, f_new
-        known = {id(d): f_new}
-        idx, d, f_new, _ = backtrack(res.saved, lambda x: known[id(x)] if id(x) in known else evaluate(x))
-        diag["backtrack_iteration"] = res.saved[idx][0]
-        return d, f_new
+            return it, d, f_new
+        if reduction_ratio(f_new - objective, _predicted(res, it, d, lam)) >= self.options["backtrack_below_rho"]:
+            return it, d, f_new
+        idx, d, f_new, _ = backtrack(res.saved, evaluate, last_value=f_new)
+        return res.saved[idx][0], d, f_new
 
-    def _update_damping(self, res, d: Tensor, f_new: float, lam: float, objective: float,
+    def _update_damping(self, res, it: int, d: Tensor, f_new: float, lam: float, objective: float,
                         diag: Dict[str, Any]) -> float:
-        """Stage 5: rho of the chosen iterate and the Levenberg-Marquardt update.
-        CG's phi is the damped quadratic ``g.d + d.(B + lam I).d / 2`` at each
-        iterate; the prediction drops the damping term."""
-        predicted = res.phi[diag["backtrack_iteration"]] - 0.5 * lam * float(d.dot(d))
+        """Stage 5: rho of the chosen iterate and the Levenberg-Marquardt update."""
+        predicted = _predicted(res, it, d, lam)
         actual = f_new - objective
         rho = reduction_ratio(actual, predicted)
-        diag.update(predicted_reduction=predicted, actual_reduction=actual, rho=rho)
+        diag.update(backtrack_iteration=it, predicted_reduction=predicted, actual_reduction=actual, rho=rho)
         self.damping.update(rho)
         if res.stop_reason == "negative_curvature":
             self.damping.value = max(self.damping.value, min(lam * self.damping.increase, self.damping.maximum))
@@ -657,6 +654,12 @@ class HFOptimizer(torch.optim.Optimizer):
         self.last_step = diag
         if self.writer is not None:
             log_step(self.writer, diag, global_step)
+
+
+def _predicted(res, it: int, d: Tensor, lam: float) -> float:
+    """q(d) - q(0) of the undamped quadratic at CG iterate ``it``: CG's phi is
+    the damped ``g.d + d.(B + lam I).d / 2``, so drop the damping term."""
+    return res.phi[it] - 0.5 * lam * float(d.dot(d))
 
 
 class _EngineUnavailable(Exception):

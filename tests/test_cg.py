@@ -351,6 +351,16 @@ def test_backtrack_finds_best_of_unimodal_sequence():
     assert calls == [4, 3, 2, 1]
 
 
+def test_backtrack_takes_a_known_last_value_without_evaluating_it():
+    values = [5.0, 3.0, 1.0, 2.0, 4.0]
+    saved, objective, calls = tagged(values)
+    index, x, value, evaluations = backtrack(saved, objective, last_value=4.0)
+    assert (index, value, evaluations) == (2, 1.0, 3)
+    assert calls == [3, 2, 1]
+    saved, objective, calls = tagged(values)
+    assert backtrack(saved, objective, last_value=math.nan)[0] == 2  # non-finite counts as +inf
+
+
 def test_backtrack_keeps_last_when_it_is_best():
     saved, objective, calls = tagged([5.0, 4.0, 3.0, 2.0, 1.0])
     assert backtrack(saved, objective)[0::2] == (4, 1.0)
