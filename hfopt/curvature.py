@@ -173,7 +173,7 @@ class CurvatureOperator:
                 params = {n: self._frozen(getattr(module, n, None)) for n in rule.param_names}
         else:
             params = {}
-            rule = function_rule(node.target, args, kwargs) if tensors else None
+            rule = function_rule(node.target, args, kwargs, tensors, act) if tensors else None
             if rule is None:
                 # Constant glue runs as written: calls on constants, and metadata
                 # queries (x.size(0), x.shape) even of a tensor that carries a
