@@ -15,9 +15,17 @@ One :meth:`HFOptimizer.step` (Martens 2010; Martens & Sutskever 2012):
 6. Armijo backtracking line search along the chosen iterate; if no step
    passes, the step is rejected and the parameters stay as they were.
 
-Trial evaluations (backtracking, rho, line search) rerun the closure without
-gradients; BatchNorm running statistics are restored afterwards, so after a
-step they are what the first, ordinary training forward made them.  No
+Trial evaluations (backtracking, rho, line search) run without gradients: the
+model and the loss module the first call revealed, on its inputs and targets,
+or the closure again where those are unknown (a functional loss).  BatchNorm
+running statistics are restored afterwards, so after a step they are what the
+first, ordinary training forward made them.
+
+The closure may return ``(loss, outputs)``, or, as for ``torch.optim.LBFGS``,
+call ``loss.backward()`` and return the loss; then the gradient is what that
+``backward()`` left in ``.grad``.  An exception anywhere in a step (a
+``KeyboardInterrupt`` in CG, in a trial evaluation, in the line search) leaves
+parameters, buffers, ``.grad`` and optimizer state as they were before it.  No
 curvature product is taken after a trial evaluation has moved the parameters:
 the predicted reduction comes from CG's own record of the quadratic.
 """
@@ -41,9 +49,10 @@ from .linesearch import armijo
 from .losses import GraphLoss
 from .summaries import log_step
 
-CLOSURE_CONTRACT = ("HFOptimizer.step(closure): the closure must run the model and return "
-                    "(loss, outputs), e.g. `outputs = model(x); return loss_fn(outputs, y), outputs`, "
-                    "without calling loss.backward()")
+CLOSURE_CONTRACT = ("HFOptimizer.step(closure): the closure must run the model and either return "
+                    "(loss, outputs) (`outputs = model(x); return loss_fn(outputs, y), outputs`), or, as for "
+                    "torch.optim.LBFGS, return the loss of a loss module called on the model's output "
+                    "(`opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss`)")
 
 DIAGNOSTICS = {
     "loss_before": "objective (loss + weight decay) at the start of the step",
@@ -103,6 +112,7 @@ class _Point:
     loss_module: Any
     targets: Any
     rejected: Optional[str]
+    backward_called: bool  # the closure ran loss.backward(): its graph may be gone
 
 
 
@@ -362,6 +372,7 @@ class HFOptimizer(torch.optim.Optimizer):
             raise TypeError(CLOSURE_CONTRACT)
         t_start = time.perf_counter()
         params, decay = self._params(), self._decay()
+        grads_before = [p.grad for p in params]
         snapshot = self._snapshot()
         lam = self.damping.value
         diag = _new_diagnostics(lam)
@@ -372,12 +383,14 @@ class HFOptimizer(torch.optim.Optimizer):
         theta0 = [p.detach().clone() for p in params]
         wd_flat = self._flat([torch.full_like(p, wd) for p, wd in zip(params, decay)]) if any(decay) else None
 
+        trial_loss = self._trial_loss(point, closure, params)
+
         def evaluate(d: Optional[Tensor]) -> float:
-            """Objective at theta0 + d by the closure, without gradients."""
+            """Objective at theta0 + d, without gradients."""
             t0 = time.perf_counter()
             self._set_params(params, theta0, d)
             with torch.no_grad():
-                val, _ = _unpack(closure())
+                val = trial_loss()
             diag["evaluations"] += 1
             diag["time_evaluations"] += time.perf_counter() - t0
             return float(val) + _decay_term(params, decay)
@@ -394,9 +407,11 @@ class HFOptimizer(torch.optim.Optimizer):
             it, d, f_new = self._choose_iterate(res, evaluate, point.objective, lam)
             rho = self._update_damping(res, it, d, f_new, lam, point.objective, diag)
             alpha, f_final, why = self._accept(rho, d, f_new, point, evaluate, diag)
-        except BaseException:
+        except BaseException:  # KeyboardInterrupt included: the step never happened
             self._set_params(params, theta0, None)
-            _restore(point.buffers_after)
+            _restore(point.capture.buffers_before)
+            for p, gr in zip(params, grads_before):
+                p.grad = gr
             self._roll_back(snapshot)
             self.damping.value = lam
             raise
@@ -415,8 +430,9 @@ class HFOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ stages of a step
     def _first_call(self, closure, params: List[Tensor], decay: List[float], diag: Dict[str, Any]) -> "_Point":
-        """Stage 1: the closure once, with gradients and hooks; ``p.grad`` is
-        cleared first so that a closure calling backward() itself is caught."""
+        """Stage 1: the closure once, with gradients and hooks.  ``p.grad`` is
+        cleared first, so that what a closure's own ``backward()`` leaves there
+        is this step's gradient; otherwise HF takes it from the returned loss."""
         t0 = time.perf_counter()
         capture = _Capture()
         saved_grads = [p.grad for p in params]
@@ -426,21 +442,15 @@ class HFOptimizer(torch.optim.Optimizer):
             with torch.enable_grad(), capture.active():
                 result = closure()
             diag["evaluations"] += 1
-            raw_loss, outputs = _unpack(result)
-            if any(p.grad is not None for p in params):
-                raise TypeError(f"{CLOSURE_CONTRACT}; this closure called backward() itself, but "
-                                "HFOptimizer takes the gradient and the curvature from what it returns")
-            loss = raw_loss.reshape(())
-            model, inputs, loss_module, targets = _find_model(capture, raw_loss, outputs)
-            try:
-                grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            except RuntimeError as exc:
-                raise TypeError(f"{CLOSURE_CONTRACT} ({exc})") from None
+            backward_called = any(p.grad is not None for p in params)
+            loss, outputs, found = _read_closure(result, capture, backward_called)
+            grads = _loss_gradient(loss, params, backward_called)
         except BaseException:
             for p, gr in zip(params, saved_grads):
                 p.grad = gr
             _restore(capture.buffers_before)
             raise
+        loss = loss.reshape(())
         objective = float(loss.detach()) + _decay_term(params, decay)
         diag["loss_before"] = objective
         g = self._flat([torch.zeros_like(p) if gi is None else gi.detach() + wd * p.detach()
@@ -449,9 +459,22 @@ class HFOptimizer(torch.optim.Optimizer):
             p.grad = None if gi is None else gi.detach().clone()
         finite = math.isfinite(objective) and bool(torch.isfinite(g).all())
         diag["time_gradient"] = time.perf_counter() - t0
+        model, inputs, loss_module, targets = found
         return _Point(loss=loss, outputs=outputs, objective=objective, g=g, capture=capture,
                       buffers_after=capture.buffers_now(), model=model, inputs=inputs, loss_module=loss_module,
-                      targets=targets, rejected=None if finite else "non-finite loss or gradient")
+                      targets=targets, rejected=None if finite else "non-finite loss or gradient",
+                      backward_called=backward_called)
+
+    @staticmethod
+    def _trial_loss(point: "_Point", closure, params: List[Tensor]) -> Callable[[], Tensor]:
+        """The loss at the current parameters, for trial evaluations.  With the
+        loss module known and a model holding all the optimized parameters,
+        their own forward on the captured inputs: cheaper than the closure, and a closure that calls backward()
+        could not run under no_grad.  Otherwise the closure again."""
+        if point.loss_module is not None and not _unfollowable(point.model, point.inputs, params):
+            model, loss_module, inputs, targets = point.model, point.loss_module, point.inputs, point.targets
+            return lambda: loss_module(model(*inputs), targets)
+        return lambda: _unpack(closure())[0]
 
     def _curvature(self, point: "_Point", params: List[Tensor], wd_flat: Optional[Tensor], lam: float,
                    diag: Dict[str, Any]):
@@ -463,6 +486,10 @@ class HFOptimizer(torch.optim.Optimizer):
                                                  point.loss, point.outputs, params)
             matvec_raw: Any = op
         except _EngineUnavailable as why:
+            if point.backward_called:
+                raise TypeError(f"{CLOSURE_CONTRACT}; the curvature engine cannot follow this model ({why}), and "
+                                "the autograd path needs the closure's graph, which loss.backward() frees: return "
+                                "(loss, outputs) without calling backward()") from None
             engine, samples = "autograd", None
             if not self._warned_autograd:
                 warnings.warn(f"hfopt: the curvature engine cannot follow this model ({why}); using the "
@@ -565,14 +592,9 @@ class HFOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ pieces
     def _operator(self, model, inputs, loss_module, targets, loss, outputs, params):
-        if model is None:
-            raise _EngineUnavailable("no module call of the closure returned the outputs")
-        own = {id(p) for p in model.parameters()}
-        if any(id(p) not in own for p in params):
-            raise _EngineUnavailable("some optimized parameters are not in the model the closure ran")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if len(trainable) != len(params) or {id(p) for p in trainable} != {id(p) for p in params}:
-            raise _EngineUnavailable("the optimizer must hold exactly the model's trainable parameters")
+        why = _unfollowable(model, inputs, params)
+        if why:
+            raise _EngineUnavailable(why)
         cls = Hessian if self.options["curvature"] == "hessian" else GGN
         if loss_module is None:
             # A functional loss (or more than the loss module's output): the output
@@ -677,6 +699,44 @@ def _unpack(result) -> Tuple[Tensor, Tensor]:
     return loss, outputs
 
 
+def _read_closure(result, capture: _Capture, backward_called: bool):
+    """``(loss, outputs, (model, inputs, loss module, targets))`` from what the
+    closure returned and the module calls it made."""
+    if isinstance(result, Tensor):  # the torch.optim form: the loss alone
+        if result.numel() != 1:
+            raise TypeError(f"{CLOSURE_CONTRACT}; the loss has shape {tuple(result.shape)}, not a scalar")
+        loss = result
+        model, inputs, loss_module, targets, outputs = _find_model_from_loss(capture, loss)
+        if loss_module is None or model is None:
+            what = "no loss module returned it" if loss_module is None else \
+                "no module call of the closure produced the loss module's input"
+            raise TypeError(f"{CLOSURE_CONTRACT}; this closure returned only the loss, but {what}: compute it "
+                            "as `loss_fn(model(x), y)` with a loss module such as nn.CrossEntropyLoss(), or "
+                            "return (loss, outputs) without calling backward()")
+        return loss, outputs, (model, inputs, loss_module, targets)
+    loss, outputs = _unpack(result)
+    found = _find_model(capture, loss, outputs)
+    if backward_called and found[2] is None:
+        raise TypeError(f"{CLOSURE_CONTRACT}; this closure called backward() on a loss computed without a loss "
+                        "module, whose graph HF needs for the output Hessian and backward() frees: return "
+                        "(loss, outputs) without calling backward(), or use a loss module")
+    return loss, outputs, found
+
+
+def _loss_gradient(loss: Tensor, params: List[Tensor], backward_called: bool) -> List[Optional[Tensor]]:
+    """What the closure's ``backward()`` left in ``.grad``, or the gradient of
+    the returned loss."""
+    if backward_called:
+        return [p.grad for p in params]
+    if not loss.requires_grad:
+        raise TypeError(f"{CLOSURE_CONTRACT}; the loss it returned does not depend on the optimized parameters "
+                        "(it does not require grad: was it computed under torch.no_grad() or detached?)")
+    try:
+        return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+    except RuntimeError as exc:
+        raise TypeError(f"{CLOSURE_CONTRACT} ({exc})") from None
+
+
 def _find_model(capture: _Capture, loss: Tensor, outputs: Tensor):
     """The outermost module call that returned ``outputs``, and the loss module
     called on them, if the closure returned that module's output unchanged."""
@@ -687,6 +747,33 @@ def _find_model(capture: _Capture, loss: Tensor, outputs: Tensor):
         elif model is not None and len(args) == 2 and args[0] is outputs and out is loss:
             loss_module, targets = module, args[1]
     return model, inputs, loss_module, targets
+
+
+def _find_model_from_loss(capture: _Capture, loss: Tensor):
+    """For a closure that returned the loss alone: the loss module call that
+    produced it, and the model call whose output that loss module received."""
+    for module, args, out in capture.calls:
+        if out is loss and len(args) == 2 and isinstance(args[0], Tensor):
+            outputs = args[0]
+            model, inputs, _, _ = _find_model(capture, loss, outputs)
+            return model, inputs, module, args[1], outputs
+    return None, None, None, None, None
+
+
+def _unfollowable(model: Optional[nn.Module], inputs, params: List[Tensor]) -> str:
+    """Why ``model(*inputs)`` alone does not determine the loss as a function of
+    ``params`` ('' if it does)."""
+    if model is None:
+        return "no module call of the closure returned the outputs"
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for p in params):
+        return "some optimized parameters are not in the model the closure ran"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if len(trainable) != len(params) or {id(p) for p in trainable} != {id(p) for p in params}:
+        return "the optimizer must hold exactly the model's trainable parameters"
+    if any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+        return "the model's inputs depend on the optimized parameters"
+    return ""
 
 
 def _decay_term(params: List[Tensor], decay: List[float]) -> float:
