@@ -26,6 +26,7 @@ class LossCurvature(ABC):
     def __init__(self, loss_fn: Callable, output: Tensor, target):
         self.loss_fn, self.output, self.target = loss_fn, output, target
         self._grad: Optional[Tensor] = None
+        self._check_target()
         with torch.no_grad():
             self.value = loss_fn(output, target)
         if not isinstance(self.value, Tensor) or self.value.numel() != 1:
@@ -41,6 +42,14 @@ class LossCurvature(ABC):
 
     def _closed_grad(self) -> Tensor:
         raise NotImplementedError  # losses without a closed form set ``_grad`` when built
+
+    def _check_target(self) -> None:
+        """Raise ``ValueError`` naming the problem for a target this loss cannot
+        take (before PyTorch's own, less specific error from the loss call)."""
+
+
+def _target_error(loss_fn, message: str) -> ValueError:
+    return ValueError(f"hfopt: {type(loss_fn).__name__} target: {message}")
 
     @abstractmethod
     def hvp(self, u: Tensor) -> Tensor:
@@ -71,6 +80,31 @@ class CrossEntropyCurvature(LossCurvature):
         self.cdim = 1 if output.dim() > 1 else 0
         # Not kept: the cache holds no more than autograd keeps for the same loss.
         self.coef = self._weighted_targets().sum(self.cdim)
+
+    def _check_target(self) -> None:
+        z, t, loss_fn = self.output, self.target, self.loss_fn
+        if not isinstance(t, Tensor):
+            raise _target_error(loss_fn, f"must be a tensor, got {type(t).__name__}")
+        cdim = 1 if z.dim() > 1 else 0
+        if z.dim() < 1:
+            return  # reported with the logits' shape in __init__
+        C = z.shape[cdim]
+        if t.dtype.is_floating_point:
+            if t.shape != z.shape:
+                raise _target_error(loss_fn, f"floating-point targets are class probabilities and must have the "
+                                             f"output's shape {tuple(z.shape)}, got {tuple(t.shape)}; pass class "
+                                             "indices as an integer (long) tensor")
+            return
+        if t.dtype == torch.bool or t.is_complex():
+            raise _target_error(loss_fn, f"class indices must be an integer tensor, got {t.dtype}")
+        want = z.shape[:cdim] + z.shape[cdim + 1:]
+        if t.shape != want:
+            raise _target_error(loss_fn, f"class indices must have shape {tuple(want)} (the output {tuple(z.shape)} "
+                                         f"without its class dimension), got {tuple(t.shape)}")
+        used = t[t != loss_fn.ignore_index]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= C):
+            bad = int(used.min()) if int(used.min()) < 0 else int(used.max())
+            raise _target_error(loss_fn, f"class index {bad} is outside [0, {C}) for an output with {C} classes")
 
     def _weighted_targets(self) -> Tensor:
         """The weights ``t`` the loss puts on each log-probability, so that the
@@ -131,13 +165,13 @@ class MSECurvature(LossCurvature):
 
     def __init__(self, loss_fn: nn.MSELoss, output: Tensor, target: Tensor):
         super().__init__(loss_fn, output, target)
-        if target.shape != output.shape:
-            raise ValueError(f"hfopt: MSELoss target shape {tuple(target.shape)} must equal the output shape "
-                             f"{tuple(output.shape)}")
         self.scale = 2.0 / output.numel() if _reduction(loss_fn) == "mean" else 2.0
 
     def _closed_grad(self) -> Tensor:
         return (self.output - self.target) * self.scale
+
+    def _check_target(self) -> None:
+        _same_shape_target(self.loss_fn, self.output, self.target)
 
     def hvp(self, u: Tensor) -> Tensor:
         return u * self.scale
@@ -169,6 +203,17 @@ class BCEWithLogitsCurvature(LossCurvature):
 
     def _closed_grad(self) -> Tensor:
         return self.coef * self.s - self._positive
+
+    def _check_target(self) -> None:
+        _same_shape_target(self.loss_fn, self.output, self.target)
+
+
+def _same_shape_target(loss_fn, output: Tensor, target) -> None:
+    if not isinstance(target, Tensor) or not target.dtype.is_floating_point:
+        raise _target_error(loss_fn, "must be a floating-point tensor, got "
+                                     f"{target.dtype if isinstance(target, Tensor) else type(target).__name__}")
+    if target.shape != output.shape:
+        raise _target_error(loss_fn, f"shape {tuple(target.shape)} must equal the output shape {tuple(output.shape)}")
 
     def hvp(self, u: Tensor) -> Tensor:
         return self.diag * u
@@ -240,6 +285,8 @@ def loss_curvature(loss_fn: Callable, output: Tensor, target) -> LossCurvature:
     """The :class:`LossCurvature` of ``loss_fn`` at ``output``."""
     if isinstance(loss_fn, GraphLoss):
         return GraphCurvature(loss_fn, output, target)
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)):
+        _reduction(loss_fn)  # before the loss runs: its 'none' output would read as a shape error
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         return CrossEntropyCurvature(loss_fn, output, target)
     if isinstance(loss_fn, nn.MSELoss):

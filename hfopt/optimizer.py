@@ -312,7 +312,18 @@ class HFOptimizer(torch.optim.Optimizer):
         wd = param_group.get("weight_decay", 0.0) if isinstance(param_group, dict) else 0.0
         if not (isinstance(wd, (int, float)) and not isinstance(wd, bool) and math.isfinite(wd) and wd >= 0):
             raise ValueError(f"weight_decay of a param group must be a finite number >= 0, got {wd!r}")
+        k = len(self.param_groups)
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if not group["params"]:
+            self.param_groups.pop()
+            raise ValueError(f"param group {k} has no parameters")
+        for i, p in enumerate(group["params"]):
+            if p.dtype not in (torch.float32, torch.float64):
+                self.param_groups.pop()
+                raise TypeError(f"parameter {i} of param group {k} (shape {tuple(p.shape)}) is {p.dtype}; "
+                                "HFOptimizer needs float32 or float64 parameters: CG's dot products and the "
+                                "damping are meaningless in 8 bits of mantissa (convert with model.float())")
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> List[Tensor]:
@@ -352,18 +363,22 @@ class HFOptimizer(torch.optim.Optimizer):
         self.damping.value = float(hf["damping"])
         self._generator = None  # rebuilt from the saved state on the next step
 
-    def _snapshot(self):
-        """What a rejected step must leave as it was (damping aside)."""
+    def _snapshot(self, params: List[Tensor]):
+        """What a step that is not taken must leave as it was, besides
+        parameters and buffers: ``.grad``, the state, the generator, lambda."""
         gen = self._generator.get_state() if self._generator is not None else None
-        return copy.deepcopy(self.state["hf"]), gen
+        return copy.deepcopy(self.state["hf"]), gen, [p.grad for p in params], self.damping.value
 
-    def _roll_back(self, snapshot) -> None:
-        hf, gen = snapshot
+    def _roll_back(self, snapshot, params: List[Tensor]) -> None:
+        hf, gen, grads, lam = snapshot
         self.state["hf"] = hf
         if gen is None:
             self._generator = None
         else:
             self._generator.set_state(gen)
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        self.damping.value = lam
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Tuple[Tensor, Tensor]]) -> Tensor:  # type: ignore[override]
@@ -372,14 +387,15 @@ class HFOptimizer(torch.optim.Optimizer):
             raise TypeError(CLOSURE_CONTRACT)
         t_start = time.perf_counter()
         params, decay = self._params(), self._decay()
-        grads_before = [p.grad for p in params]
-        snapshot = self._snapshot()
+        if not params:
+            raise ValueError("HFOptimizer.step: no parameter has requires_grad=True; there is nothing to optimize")
+        snapshot = self._snapshot(params)
         lam = self.damping.value
         diag = _new_diagnostics(lam)
 
         point = self._first_call(closure, params, decay, diag)
         if point.rejected is not None:
-            return self._reject(diag, point.rejected, point.loss, t_start, point.capture, snapshot)
+            return self._reject(diag, point.rejected, point.loss, t_start, point.capture, snapshot, params)
         theta0 = [p.detach().clone() for p in params]
         wd_flat = self._flat([torch.full_like(p, wd) for p, wd in zip(params, decay)]) if any(decay) else None
 
@@ -398,11 +414,11 @@ class HFOptimizer(torch.optim.Optimizer):
         try:
             B, precond, why = self._curvature(point, params, wd_flat, lam, diag)
             if why is not None:
-                return self._reject(diag, why, point.loss, t_start, point.capture, snapshot)
+                return self._reject(diag, why, point.loss, t_start, point.capture, snapshot, params)
             res = self._solve(B, precond, point.g, lam, params, diag)
             if res.stop_reason == "non_finite":
                 return self._reject(diag, "non-finite curvature product", point.loss, t_start, point.capture,
-                                    snapshot)
+                                    snapshot, params)
             # Trial evaluations move the parameters: no curvature product after this point.
             it, d, f_new = self._choose_iterate(res, evaluate, point.objective, lam)
             rho = self._update_damping(res, it, d, f_new, lam, point.objective, diag)
@@ -410,10 +426,7 @@ class HFOptimizer(torch.optim.Optimizer):
         except BaseException:  # KeyboardInterrupt included: the step never happened
             self._set_params(params, theta0, None)
             _restore(point.capture.buffers_before)
-            for p, gr in zip(params, grads_before):
-                p.grad = gr
-            self._roll_back(snapshot)
-            self.damping.value = lam
+            self._roll_back(snapshot, params)
             raise
         accepted = why is None
         self._set_params(params, theta0, d * alpha if accepted else None)
@@ -654,15 +667,15 @@ class HFOptimizer(torch.optim.Optimizer):
                     p.copy_(t + d[k:k + p.numel()].view_as(p).to(p.dtype))
                 k += p.numel()
 
-    def _reject(self, diag, reason, loss, t_start, capture: _Capture, snapshot) -> Tensor:
-        """Safety rejection: parameters, buffers and state as before the step
-        (the parameters have not moved yet), except that the damping rises."""
-        warnings.warn(f"hfopt: step rejected ({reason}); parameters, buffers and state are unchanged, "
-                      "damping rises", stacklevel=4)
+    def _reject(self, diag, reason, loss, t_start, capture: _Capture, snapshot, params: List[Tensor]) -> Tensor:
+        """Safety rejection (a non-finite loss, gradient, curvature product or
+        preconditioner): parameters, buffers, ``.grad`` and state as before the
+        step, lambda included.  The cause is the batch or the point, not the
+        step's length, so a larger lambda would not help."""
+        warnings.warn(f"hfopt: step rejected ({reason}); parameters, buffers, .grad and optimizer state are "
+                      "unchanged", stacklevel=4)
         _restore(capture.buffers_before)
-        self._roll_back(snapshot)
-        self.damping.fail()
-        self.state["hf"]["damping"] = self.damping.value
+        self._roll_back(snapshot, params)
         diag.update(accepted=False, rejected=reason, loss_after=diag["loss_before"],
                     line_search_step=0.0, step_norm=0.0, damping_next=self.damping.value)
         # Logged as the step it would have been (the counter does not move).
@@ -728,13 +741,17 @@ def _loss_gradient(loss: Tensor, params: List[Tensor], backward_called: bool) ->
     the returned loss."""
     if backward_called:
         return [p.grad for p in params]
+    unrelated = TypeError(f"{CLOSURE_CONTRACT}; the loss it returned does not depend on any optimized "
+                          "parameter (computed under torch.no_grad(), detached, or from another model?)")
     if not loss.requires_grad:
-        raise TypeError(f"{CLOSURE_CONTRACT}; the loss it returned does not depend on the optimized parameters "
-                        "(it does not require grad: was it computed under torch.no_grad() or detached?)")
+        raise unrelated
     try:
-        return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+        grads = list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
     except RuntimeError as exc:
         raise TypeError(f"{CLOSURE_CONTRACT} ({exc})") from None
+    if all(g is None for g in grads):
+        raise unrelated
+    return grads
 
 
 def _find_model(capture: _Capture, loss: Tensor, outputs: Tensor):

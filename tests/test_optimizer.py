@@ -615,8 +615,9 @@ def test_nan_closure_changes_nothing():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
     assert_bitwise(bn_state(model), buffers)
     after = opt.state_dict()
-    assert_state_equal(state, after, skip=("damping",))
-    assert after["state"]["hf"]["damping"] == opt.damping.value == pytest.approx(1.5 * lam, rel=1e-15)
+    assert_state_equal(state, after)  # damping included: a bad batch says nothing about the step length
+    assert after["state"]["hf"]["damping"] == opt.damping.value == lam
+    assert all(p.grad is not None for p in model.parameters())  # the last good step's gradient stays
 
     opt.step(closure_for(model, loss_fn, x, y))  # and training goes on
     assert opt.last_step["accepted"]
@@ -649,9 +650,9 @@ def test_non_finite_curvature_product_changes_nothing(monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
     assert_bitwise(bn_state(model), buffers)
     after = opt.state_dict()
-    # curvature slice offset, sampling generator, warm start, counters: as before
-    assert_state_equal(state, after, skip=("damping",))
-    assert after["state"]["hf"]["damping"] == pytest.approx(1.5 * lam, rel=1e-15)
+    # curvature slice offset, sampling generator, warm start, counters, damping: as before
+    assert_state_equal(state, after)
+    assert after["state"]["hf"]["damping"] == opt.damping.value == lam
 
 
 @pytest.mark.parametrize("curvature", ["ggn", "hessian"])
