@@ -1,9 +1,9 @@
 """Loss functions seen from the model's output: value, gradient and Hessian.
 
 ``CrossEntropyLoss``, ``MSELoss`` and ``BCEWithLogitsLoss`` (reduction mean or
-sum) have closed-form output Hessians; any other callable ``loss(output,
-target)`` is served by autograd on the small graph from the output to the loss
-(the output Hessian only, never the network's).
+sum) have closed-form output gradients and Hessians; any other callable
+``loss(output, target)`` is served by autograd on the small graph from the
+output to the loss (the output's derivatives only, never the network's).
 
 Each curvature also samples ``s`` with ``E[s s^T] = H_out``: backpropagating it
 gives an unbiased, non-negative estimate of the Gauss-Newton diagonal.
