@@ -37,7 +37,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -381,8 +381,13 @@ class HFOptimizer(torch.optim.Optimizer):
         self.damping.value = lam
 
     # ------------------------------------------------------------------ step
-    def step(self, closure: Callable[[], Tuple[Tensor, Tensor]]) -> Tensor:  # type: ignore[override]
-        """One Hessian-free step; returns the loss before it."""
+    def step(self, closure: Callable[[], Union[Tensor, Tuple[Tensor, Tensor]]]) -> Tensor:  # type: ignore[override]
+        """One Hessian-free step; returns the loss before it.
+
+        ``closure`` runs the model on the batch and either returns ``(loss,
+        outputs)`` without calling ``backward()``, or, as for
+        ``torch.optim.LBFGS``, calls ``opt.zero_grad()`` and ``loss.backward()``
+        and returns the loss of a loss module called on the model's output."""
         if closure is None:
             raise TypeError(CLOSURE_CONTRACT)
         t_start = time.perf_counter()
