@@ -59,7 +59,7 @@ def test_zoo_makes_no_autograd_call(name, train, fuse):
 
 # The guard is about which code runs, not about size: each model at the smallest
 # input it takes (c3d3_bn's classifier is sized for 32x32).
-_SMALLEST = {"allcnnc_bn": 16, "resnet8_bn": 8, "resnet20_bn": 8}
+_SMALLEST = {"allcnnc_bn": 16, "resnet8_bn": 8, "resnet20_bn": 8, "resnet18_bn": 8, "wrn16_4_bn": 8}
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
