@@ -2,8 +2,8 @@
 
 The kill test runs train.py's main() as the command line does, in processes of their own
 (float32, one thread), and kills one run with SIGKILL inside its second epoch through
-train.py's test-only hook ``HFOPT_TRAIN_SIGKILL_AT_STEP``. The resumed run must end bitwise where an uninterrupted run of
-the same command ends.
+train.py's test-only hook ``HFOPT_TRAIN_SIGKILL_AT_STEP``. The resumed run must end bitwise
+where an uninterrupted run of the same command ends.
 """
 
 from __future__ import annotations
