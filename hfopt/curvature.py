@@ -76,14 +76,32 @@ class CurvatureOperator:
         self.fuse = fuse
         self._copies: Dict[int, Tensor] = {}
         self._live: Dict[int, int] = {}  # id(copy) -> id(parameter)
-        with torch.no_grad():
+        self._device_type = self.params[0].device.type
+        self.compute_dtype: Optional[torch.dtype] = _autocast_dtype(self._device_type, self.params[0].dtype)
+        with torch.no_grad(), self._exact_dtypes():
             output = self._forward(inputs)
             self.output = output
-            self.loss_curvature: LossCurvature = loss_curvature(loss_fn, output, targets)
+            # The loss and its output derivatives in the parameters' precision.
+            self.loss_curvature: LossCurvature = loss_curvature(loss_fn, self._to_params_dtype(output), targets)
         self.loss = self.loss_curvature.value
         self._gradient: Optional[Vector] = None
         if self.residuals:
             self._gradient = self._first_order()
+
+    # ---------------------------------------------------------------- precision
+    def _exact_dtypes(self):
+        """Autocast off inside the engine: with a compute dtype the rules run
+        on tensors cast to it, so that every op of a rule sees one dtype."""
+        return torch.autocast(self._device_type, enabled=False)
+
+    def _compute(self, t):
+        """``t`` in the compute dtype (floating tensors only; others unchanged)."""
+        if self.compute_dtype is None or not isinstance(t, Tensor) or not t.is_floating_point():
+            return t
+        return t.to(self.compute_dtype)
+
+    def _to_params_dtype(self, t: Tensor) -> Tensor:
+        return t if self.compute_dtype is None else t.to(self.params[0].dtype)
 
     # ---------------------------------------------------------------- forward
     def _forward(self, inputs: tuple) -> Tensor:
@@ -97,7 +115,7 @@ class CurvatureOperator:
             if node.op == "input":
                 if node.target >= len(inputs):
                     raise ValueError(f"hfopt: the model's forward takes more inputs than the {len(inputs)} given")
-                values[i] = inputs[node.target]
+                values[i] = self._compute(inputs[node.target])
             elif node.op == "attr":
                 values[i] = self._frozen(node.target)
                 idx = self._index.get(id(node.target))
@@ -124,7 +142,7 @@ class CurvatureOperator:
             return t
         copy = self._copies.get(id(t))
         if copy is None:
-            copy = self._copies[id(t)] = t.detach().clone()
+            copy = self._copies[id(t)] = self._compute(t.detach().clone())
             self._live[id(copy)] = id(t)
         return copy
 
@@ -154,7 +172,7 @@ class CurvatureOperator:
                 refs.append(a.index)
                 act.append(active[a.index])
             elif isinstance(a, Tensor):
-                v = a
+                v = self._compute(a)
                 refs.append(None)
                 act.append(False)
             else:
@@ -310,15 +328,15 @@ class CurvatureOperator:
         for i, idx in self._param_nodes.items():
             if i in cot:
                 grads[idx] = add_optional(grads[idx], cot[i])
-        return [torch.zeros_like(p) if g is None else g.reshape(p.shape) for p, g in zip(self.params, grads)]
+        return [torch.zeros_like(p) if g is None else g.reshape(p.shape).to(p.dtype) for p, g in zip(self.params, grads)]
 
     def _first_order(self) -> Vector:
         for step in self.steps:
             step.residual = step.rule.has_residual()
         if not self._output_active:
             return [torch.zeros_like(p) for p in self.params]
-        with torch.no_grad():
-            grads = self._backward_sweep(self.loss_curvature.grad(), None, None, store_gradients=True)
+        with torch.no_grad(), self._exact_dtypes():
+            grads = self._backward_sweep(self._compute(self.loss_curvature.grad()), None, None, store_gradients=True)
         for step in self.steps:
             # A step whose output never reaches the loss (a dead branch) has a
             # zero gradient, hence a zero residual: nothing to add, nothing to store.
@@ -333,8 +351,8 @@ class CurvatureOperator:
             if not self._output_active:
                 self._gradient = [torch.zeros_like(p) for p in self.params]
             else:
-                with torch.no_grad():
-                    self._gradient = self._backward_sweep(self.loss_curvature.grad(), None, None)
+                with torch.no_grad(), self._exact_dtypes():
+                    self._gradient = self._backward_sweep(self._compute(self.loss_curvature.grad()), None, None)
         return [g.clone() for g in self._gradient]
 
     def matvec(self, v: Sequence[Tensor]) -> Vector:
@@ -344,13 +362,14 @@ class CurvatureOperator:
     def _product(self, v: Vector, residuals: bool) -> Vector:
         if not self._output_active:
             return [torch.zeros_like(p) for p in self.params]
-        with torch.no_grad():
+        with torch.no_grad(), self._exact_dtypes():
+            v = [self._compute(t) for t in v]
             dirs = self._jvp_sweep(v, keep=residuals)
             d_out = dirs.get(self.graph.output.index)
             if d_out is None:
                 d_out = torch.zeros_like(self.output)
-            u = self.loss_curvature.hvp(d_out)
-            return self._backward_sweep(u, dirs if residuals else None, v)
+            u = self.loss_curvature.hvp(self._to_params_dtype(d_out))
+            return self._backward_sweep(self._compute(u), dirs if residuals else None, v)
 
     def __matmul__(self, v: Sequence[Tensor]) -> Vector:
         return self.matvec(v)
@@ -396,10 +415,10 @@ class CurvatureOperator:
         total = [torch.zeros_like(p) for p in self.params]
         if not self._output_active:
             return total
-        with torch.no_grad():
+        with torch.no_grad(), self._exact_dtypes():
             for _ in range(samples):
                 if self.loss_curvature.closed_form:
-                    s = self.loss_curvature.sample_sqrt(generator)
+                    s = self._compute(self.loss_curvature.sample_sqrt(generator))
                     contrib = [g * g for g in self._backward_sweep(s, None, None)]
                 else:
                     v = [torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
@@ -435,6 +454,26 @@ class CurvatureOperator:
             if t.device != p.device:
                 raise ValueError(f"hfopt: v entry for parameter '{name}' is on {t.device}, expected {p.device}")
         return [t.detach() for t in v]
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has one flag per device kind
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _autocast_dtype(device_type: str, param_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype the products run in: the active ``torch.autocast`` dtype for
+    the parameters' device when one is enabled at build, else None (the
+    parameters' own)."""
+    if not _autocast_enabled(device_type):
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:  # torch < 2.4
+        dtype = torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    return None if dtype == param_dtype else dtype
 
 
 def _check_dtypes(named: List) -> None:

@@ -671,6 +671,10 @@ class HFOptimizer(torch.optim.Optimizer):
                 else:
                     p.copy_(t + d[k:k + p.numel()].view_as(p).to(p.dtype))
                 k += p.numel()
+        # Inside torch.autocast the low-precision copies of the parameters are
+        # cached until the region ends, and an in-place update does not
+        # invalidate them: trial evaluations would see the old weights.
+        torch.clear_autocast_cache()
 
     def _reject(self, diag, reason, loss, t_start, capture: _Capture, snapshot, params: List[Tensor]) -> Tensor:
         """Safety rejection (a non-finite loss, gradient, curvature product or
