@@ -22,12 +22,13 @@ from .fallback import FallbackRule, call_function, module_function
 from .linear import LinearRule
 from .pooling import AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule, module_pooling
 from .shape import CatRule, DropoutRule, LinearMapRule, ReshapeRule, arithmetic_rule, substitute
+from .syncbatchnorm import SyncBatchNormRule, sync_batchnorm_rule
 
 __all__ = [
     "Rule", "Input", "module_rule", "function_rule", "is_metadata_query", "fallback_module_rule",
     "fallback_function_rule",
-    "BatchNormRule", "ConvRule", "LinearRule", "MaxPoolRule", "AvgPoolRule", "AdaptiveAvgPoolRule",
-    "ReshapeRule", "DropoutRule", "LinearMapRule", "CatRule", "FallbackRule",
+    "BatchNormRule", "SyncBatchNormRule", "ConvRule", "LinearRule", "MaxPoolRule", "AvgPoolRule",
+    "AdaptiveAvgPoolRule", "ReshapeRule", "DropoutRule", "LinearMapRule", "CatRule", "FallbackRule",
 ]
 
 
@@ -39,6 +40,8 @@ def module_rule(module: nn.Module) -> Optional[Rule]:
         return ConvRule.from_module(module)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
         return BatchNormRule.from_module(module)
+    if isinstance(module, nn.SyncBatchNorm):
+        return sync_batchnorm_rule(module)
     if isinstance(module, nn.Flatten):
         start, end = module.start_dim, module.end_dim
         return ReshapeRule(lambda x: x.flatten(start, end))
