@@ -212,3 +212,24 @@ def test_a_dead_rank_ends_the_others_wait(tmp_path):
     survivor = results[0]["dead_rank"]
     assert survivor["error"] is not None, "rank 0 finished a step its peer never joined"
     assert survivor["seconds"] < 30, survivor
+
+
+# ----------------------------------------------------------------------------- torchrun
+def test_torchrun_train_example_logs_from_rank_zero_only(tmp_path):
+    pytest.importorskip("sklearn")  # the digits data set
+    logdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "examples" / "train.py"), "--distributed", "--max-steps", "2", "--cg-max-iterations", "5",
+           "--precise-bn", "256", "--threads", "1", "--logdir", str(logdir)]
+    try:
+        done = subprocess.run(cmd, cwd=tmp_path, env=worker_env(), capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("torchrun did not finish within 150 s")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("summary ")]
+    assert len(summaries) == 1, out
+    assert '"steps": 2' in summaries[0]
+    assert len([line for line in done.stdout.splitlines() if line.startswith("epoch ")]) == 1, out
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
+    assert (logdir / "checkpoint.pt").is_file()
