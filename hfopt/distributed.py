@@ -359,9 +359,11 @@ def _explicit(process_group: Any, name: str) -> Union[DataParallel, SingleProces
 
 
 def operator_group(model: nn.Module, process_group: Any) -> Optional[DataParallel]:
-    """The curvature operators' ``process_group``: ``None`` (one process) or a
-    group.  A model whose SyncBatchNorm layers synchronise across ranks has no
+    """The curvature operators' ``process_group``: ``None`` (one process), a
+    ``ProcessGroup`` or a :class:`DataParallel` (an optimizer's).  A model whose SyncBatchNorm layers synchronise across ranks has no
     single-process curvature, so it needs a group."""
+    if isinstance(process_group, DataParallel):  # the optimizer's own: its counters include the operator's
+        return process_group
     dp = None if process_group is None else _explicit(process_group, "process_group")
     dp = dp if isinstance(dp, DataParallel) else None
     if dp is None:

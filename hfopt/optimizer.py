@@ -605,7 +605,7 @@ class HFOptimizer(torch.optim.Optimizer):
             and cur_inputs[0].dim() > 0 else None
         try:
             # Data-parallel: the operator of the global curvature batch (one process: called as before).
-            spread = {} if self._dp.group is None else {"process_group": self._dp.group}
+            spread = {} if self._dp.group is None else {"process_group": self._dp}
             op = cls(model, loss_fn, cur_inputs, cur_targets, **spread)
         except (TypeError, ValueError, RuntimeError) as exc:  # a RuntimeError covers not-implemented ops too
             raise _EngineUnavailable(f"{type(exc).__name__}: {exc}") from None

@@ -270,7 +270,21 @@ def optimizer(rank: int, world: int) -> Dict[str, Any]:
     out["ddp_grad"] = [p.grad.clone() for p in net.parameters()]
     out["ddp_hook_calls"] = hook_calls[0]
 
-    # 5. SyncBatchNorm (stand-in): HF on the global batch's BatchNorm objective.
+    # 5. What keeps a closure that calls backward() reduced once: inside
+    #    ddp_gradient_sync_off DDP's reducer does not run and p.grad stays this rank's own.
+    net = mlp(None)
+    ddp = DDP(net)
+    hook_calls[0] = 0
+    ddp.register_comm_hook(None, counting_hook)
+    with hfopt.distributed.ddp_gradient_sync_off():
+        loss_fn(ddp(xl), yl).backward()
+    out["guard_inside_calls"] = hook_calls[0]
+    out["guard_grad"] = [p.grad.clone() for p in net.parameters()]
+    out["guard_own_grad"] = list(torch.autograd.grad(loss_fn(net(xl), yl), list(net.parameters())))
+    loss_fn(ddp(xl), yl).backward()
+    out["guard_outside_calls"] = hook_calls[0]
+
+    # 6. SyncBatchNorm (stand-in): HF on the global batch's BatchNorm objective.
     model = mlp(GlooSyncBatchNorm)
     opt = hfopt.HFOptimizer(model.parameters(), **exact)
     out["syncbn"] = run(model, opt, 2, xl, yl)
@@ -360,6 +374,33 @@ def dead_rank(rank: int, world: int) -> Dict[str, Any]:
         return {"error": type(exc).__name__, "message": str(exc)[:300], "seconds": time.perf_counter() - t0}
 
 
+def cuda_syncbn(rank: int, world: int) -> Dict[str, Any]:
+    """The real nn.SyncBatchNorm (NCCL, one GPU per rank): products and one HF
+    step against one process with BatchNorm on the concatenated batch."""
+    dev = torch.device("cuda", rank)
+    sizes = [5, 7]
+    n = sum(sizes)
+    loss_fn = nn.CrossEntropyLoss()
+    model, ref = convnet(nn.SyncBatchNorm).to(dev), convnet(nn.BatchNorm2d).to(dev)
+    x, y = (t.to(dev) for t in data(n, (2, 4, 4)))
+    xl, yl = shard(x, sizes, rank), shard(y, sizes, rank)
+    v = [t.to(dev) for t in conftest.rand_vec(model, seed=7)]
+    res: Dict[str, Any] = {}
+    for kind, cls in (("ggn", hfopt.GGN), ("hessian", hfopt.Hessian)):
+        res[kind] = [t.cpu() for t in cls(model, loss_fn, xl, yl, process_group=dist.group.WORLD) @ v]
+    exact = dict(preconditioner=False, cg_max_iterations=10, damping=0.5)
+    opt = hfopt.HFOptimizer(model.parameters(), **exact)
+    opt.step(closure_for(model, loss_fn, xl, yl))
+    res["step"] = [p.cpu() for p in params_of(model)]
+    if rank == 0:
+        res["ref_ggn"] = [t.cpu() for t in conftest.ref_ggnvp(ref, loss_fn, x, y, v)]
+        res["ref_hessian"] = [t.cpu() for t in conftest.ref_hvp(ref, loss_fn, x, y, v)]
+        ref_opt = hfopt.HFOptimizer(ref.parameters(), process_group=False, **exact)
+        ref_opt.step(closure_for(ref, loss_fn, x, y))
+        res["ref_step"] = [p.cpu() for p in params_of(ref)]
+    return res
+
+
 def _optimizer_states_equal(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     """Equal optimizer state dicts, where a per-parameter entry that is an empty
     dict counts as absent (reading a warm start creates one)."""
@@ -378,7 +419,8 @@ def _states_equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-SCENARIOS = {"curvature": curvature, "optimizer": optimizer, "failures": failures, "dead_rank": dead_rank}
+SCENARIOS = {"curvature": curvature, "optimizer": optimizer, "failures": failures, "dead_rank": dead_rank,
+             "cuda_syncbn": cuda_syncbn}
 
 
 def main() -> None:
@@ -387,7 +429,11 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     timeout = timedelta(seconds=float(os.environ.get("HFOPT_TEST_PG_TIMEOUT", "60")))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
+    cuda = scenario.startswith("cuda_")
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=timeout)
     os.environ["HFOPT_TEST_OUT"] = str(out_dir)
     try:
         # Several scenarios in one process group: starting groups is the slow part.

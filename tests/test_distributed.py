@@ -169,6 +169,15 @@ def test_ddp_model_gradient_reduced_exactly_once(optimizer):
     assert bitwise(optimizer[0]["ddp"][2], optimizer[1]["ddp"][2])
 
 
+def test_ddp_reducer_stays_off_while_hf_runs_the_closure(optimizer):
+    """A closure calling backward() inside HF's first call must not have DDP
+    average the gradient that HF then sums over the ranks."""
+    for res in optimizer:
+        assert res["guard_inside_calls"] == 0 and res["guard_outside_calls"] > 0
+        assert bitwise(res["guard_grad"], res["guard_own_grad"])
+    assert not bitwise(optimizer[0]["guard_grad"], optimizer[1]["guard_grad"]), "the shards' gradients were averaged"
+
+
 def test_syncbatchnorm_steps_are_the_global_batch_steps(optimizer):
     ref = optimizer[0]["syncbn_ref"]
     for res in optimizer:
@@ -212,6 +221,17 @@ def test_a_dead_rank_ends_the_others_wait(tmp_path):
     survivor = results[0]["dead_rank"]
     assert survivor["error"] is not None, "rank 0 finished a step its peer never joined"
     assert survivor["seconds"] < 30, survivor
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()),
+                    reason="the real nn.SyncBatchNorm refuses CPU tensors: needs 2 CUDA devices and NCCL")
+def test_real_syncbatchnorm_on_cuda(tmp_path):
+    a, b = (r["cuda_syncbn"] for r in run_ok(tmp_path, "cuda_syncbn", 2, timeout=150.0))
+    for res in (a, b):
+        for kind in ("ggn", "hessian"):
+            assert rel_err(res[kind], a[f"ref_{kind}"]) < TOL, kind
+        assert rel_err(res["step"], a["ref_step"]) < 1e-8
+    assert bitwise(a["step"], b["step"])
 
 
 # ----------------------------------------------------------------------------- torchrun
