@@ -54,6 +54,7 @@ __all__ = ["RankError", "DataParallel", "SingleProcess", "resolve", "operator_gr
 # payloads go out as several chunks in flight together.
 BUCKET_BYTES = 25 * 2 ** 20
 _SHARED = "_hfopt_shared_across_ranks"
+_EVERYWHERE = "_hfopt_failed_on_every_rank"
 
 
 class RankError(RuntimeError):
@@ -199,7 +200,7 @@ class DataParallel:
         messages: List[Any] = [None] * self.size
         dist.all_gather_object(messages, (self.rank, mine), group=self.group)
         if failure is not None:
-            _mark_shared(failure)
+            _mark_shared(failure, everywhere=all(m is not None for _, m in messages))
             raise failure
         failed = "; ".join(f"rank {r}: {m}" for r, m in messages if m is not None)
         error = RankError(f"hfopt: another rank failed in this step ({failed}); every rank abandons the step")
@@ -318,15 +319,23 @@ class _SummedOperator:
         return self.dp.sum_flat(lambda: self.op.matvec_flat(v) * self.weight, v)
 
 
-def _mark_shared(exc: BaseException) -> None:
+def _mark_shared(exc: BaseException, everywhere: bool = False) -> None:
     try:
         setattr(exc, _SHARED, True)
+        setattr(exc, _EVERYWHERE, everywhere)
     except AttributeError:  # an exception type without a __dict__
         pass
 
 
 def _is_shared(exc: BaseException) -> bool:
     return isinstance(exc, RankError) or getattr(exc, _SHARED, False)
+
+
+def partial_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure the ranks agreed on that some ranks did not
+    have: they cannot fall back to another path on their own, only abandon the
+    step together.  (A failure on every rank leaves each its own error.)"""
+    return _is_shared(exc) and not getattr(exc, _EVERYWHERE, False)
 
 
 # ----------------------------------------------------------------------------- resolving groups

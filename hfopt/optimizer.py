@@ -608,6 +608,8 @@ class HFOptimizer(torch.optim.Optimizer):
             spread = {} if self._dp.group is None else {"process_group": self._dp}
             op = cls(model, loss_fn, cur_inputs, cur_targets, **spread)
         except (TypeError, ValueError, RuntimeError) as exc:  # a RuntimeError covers not-implemented ops too
+            if distributed.partial_failure(exc):  # other ranks built theirs: every rank abandons the step
+                raise
             raise _EngineUnavailable(f"{type(exc).__name__}: {exc}") from None
         return _Reordered(op, params), "rules", samples
 

@@ -339,7 +339,23 @@ def failures(rank: int, world: int) -> Dict[str, Any]:
         out[name]["params"] = params_of(model)
         out[name]["state_equal"] = _optimizer_states_equal(opt.state_dict(), state_before)
 
-    # 3. A raising operator build (wrong feature count on rank 1).
+    # 3. Rank 1's curvature operator fails to build inside a step: no rank falls back alone.
+    forward = hfopt.curvature.CurvatureOperator._forward
+    if rank == 1:
+        def failing(self, inputs):
+            raise ValueError("rule failed on this shard")
+        hfopt.curvature.CurvatureOperator._forward = failing
+    try:
+        opt.step(closure_for(model, loss_fn, xl, yl))
+        out["raise_step_build"] = {"error": None}
+    except Exception as exc:  # noqa: BLE001
+        out["raise_step_build"] = {"error": type(exc).__name__, "message": str(exc)}
+    finally:
+        hfopt.curvature.CurvatureOperator._forward = forward
+    out["raise_step_build"]["params"] = params_of(model)
+    out["raise_step_build"]["state_equal"] = _optimizer_states_equal(opt.state_dict(), state_before)
+
+    # 4. A raising operator build (wrong feature count on rank 1).
     xb = torch.randn(4, 7) if rank == 1 else xl
     try:
         hfopt.GGN(model, loss_fn, xb, yl[:len(xb)], process_group=dist.group.WORLD)
@@ -347,7 +363,7 @@ def failures(rank: int, world: int) -> Dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         out["raise_build"] = {"error": type(exc).__name__, "message": str(exc)}
 
-    # 4. Afterwards the ranks still step together.
+    # 5. Afterwards the ranks still step together.
     opt.step(closure_for(model, loss_fn, xl, yl))
     out["after"] = {"accepted": opt.last_step["accepted"], "params": params_of(model)}
     return out

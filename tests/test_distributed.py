@@ -203,12 +203,12 @@ def test_failures_reach_every_rank_and_leave_state_alone(two_ranks):
     for res in (a, b):
         assert "non-finite" in res["nan"]["rejected"]
         assert bitwise(res["nan"]["params"], res["start"]) and res["nan"]["step"] == 0
-        for stage in ("raise_first_call", "raise_trial"):
+        for stage in ("raise_first_call", "raise_trial", "raise_step_build"):
             assert bitwise(res[stage]["params"], res["start"]), stage
             assert res[stage]["state_equal"], stage
         assert res["after"]["accepted"]
     assert bitwise(a["after"]["params"], b["after"]["params"])
-    for stage in ("raise_first_call", "raise_trial", "raise_build"):
+    for stage in ("raise_first_call", "raise_trial", "raise_step_build", "raise_build"):
         assert b[stage]["error"] in ("ValueError", "RuntimeError"), (stage, b[stage])
         assert a[stage]["error"] == "RankError", (stage, a[stage])
         assert "rank 1" in a[stage]["message"], a[stage]["message"]
