@@ -105,8 +105,29 @@ torch/numpy/python, and the data loader generator's state at the start of
 the current epoch together with the number of batches already taken from
 it.  ``--resume`` restores all of it, so a resumed run produces bit-for-bit the
 same parameters and losses as an uninterrupted one (on the same device and
-thread count).  ``--epochs``, ``--max-steps`` and ``--time-budget`` count the
-whole run, resumed parts included, and may be raised when resuming.
+thread count), also after a crash or a SIGKILL in mid-epoch: it goes on from
+the last checkpoint (tests/test_checkpoints.py kills runs to check this).
+``--epochs``, ``--max-steps`` and ``--time-budget`` count the whole run,
+resumed parts included, and may be raised when resuming.
+
+A checkpoint is written atomically: to a temporary file in the same folder,
+flushed to disk (fsync), then renamed over the old one with ``os.replace``, so
+a crash leaves the old checkpoint or the new one, never a torn file (a
+process killed while saving may leave its ``.checkpoint.pt.<pid>.tmp``, which
+is never read: delete it).  Before
+it, the TensorBoard writer is flushed, so a killed run loses none of the
+records up to the checkpoint (a record still queued in the writer's thread
+would die with the process); the resumed run purges what the killed one
+logged after the checkpoint.  (The killed run's mini-batch loss and accuracy
+of the batch after the checkpoint sit at the checkpoint's own x, which the
+purge keeps: they may show twice, with the same value.)  ``--resume`` loads
+with ``torch.load(weights_only=True)``, which runs no code from the file,
+after checking the archive's CRCs (which ``torch.load`` does not).  A
+checkpoint that is truncated, corrupted, not a checkpoint, from another
+version of train.py or from other settings is refused: train.py exits with
+status 1 and a one-line error naming the file and what to do; it never starts
+afresh over it.  Without ``--resume`` an existing checkpoint is replaced by
+the new run's; with ``--resume`` and no checkpoint the run starts from scratch.
 
 The training loop is deterministic: every RNG is seeded from ``--seed``, and
 the loader (``num_workers=0``) draws each epoch's shuffle from its own seeded
@@ -123,8 +144,10 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -224,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logdir", default=None,
                         help="TensorBoard and checkpoint folder; default runs/<data>-<model>-<optimizer>-s<seed>")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from <logdir>/checkpoint.pt (starts fresh if there is none)")
+                        help="continue from <logdir>/checkpoint.pt (starts fresh if there is none; "
+                             "refuses, with exit status 1, one it cannot read)")
     parser.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS",
                         help="evaluate every this many epochs (and at the end of the run)")
     parser.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
@@ -386,6 +410,9 @@ class NullWriter:
     def add_text(self, *args: Any, **kwargs: Any) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -525,19 +552,73 @@ def precise_bn_copy(model: nn.Module, train_set: TensorDataset, samples: int, ba
 
 
 # --------------------------------------------------------------------------- checkpoints
+class CheckpointError(ValueError):
+    """A checkpoint that ``--resume`` cannot continue from; the message names the file and the way out."""
+
+
+# What a train.py checkpoint holds; anything without all of it is not one.
+CHECKPOINT_KEYS = ("version", "args", "model", "optimizer", "state", "loader_generator", "rng")
+_START_AFRESH = "delete it (or run without --resume) to start this run from scratch"
+
+
+def _one_line(err: Exception, limit: int = 200) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """Write ``payload`` to ``path`` atomically: a crash at any point leaves the previous
+    checkpoint or the new one, never a mixture.  The temporary file sits next to ``path``
+    (``os.replace`` is atomic only within one file system) and is gone if the save fails."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; Windows cannot open a folder)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only: a checkpoint is plain tensors and containers, so loading one
-    # never runs code from the file.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is not a checkpoint of this version of train.py (version "
-                         f"{checkpoint.get('version')}, expected {CHECKPOINT_VERSION})")
+    """The checkpoint at ``path``, or a :class:`CheckpointError` saying why it cannot be resumed."""
+    unreadable = f"cannot resume from {path}: it is not a readable train.py checkpoint"
+    try:
+        # torch.load does not check the archive's CRCs: a flipped bit in a tensor would load silently.
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+        if bad_member is not None:
+            raise ValueError(f"member {bad_member} fails its CRC check")
+        # weights_only: a checkpoint is plain tensors and containers, so loading one
+        # never runs code from the file.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises anything from EOFError to UnicodeDecodeError here
+        raise CheckpointError(f"{unreadable} ({_one_line(err)}; truncated or corrupted?); "
+                              f"{_START_AFRESH}") from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{unreadable} (it holds a {type(checkpoint).__name__}); {_START_AFRESH}")
+    if checkpoint.get("version", CHECKPOINT_VERSION) != CHECKPOINT_VERSION:
+        raise CheckpointError(f"cannot resume from {path}: it was written by another version of train.py "
+                              f"(checkpoint version {checkpoint['version']!r}, this one reads "
+                              f"{CHECKPOINT_VERSION}); resume it with the train.py that wrote it, or "
+                              f"{_START_AFRESH}")
+    if (not set(CHECKPOINT_KEYS) <= checkpoint.keys() or not isinstance(checkpoint["args"], dict)
+            or not isinstance(checkpoint["state"], dict)):
+        raise CheckpointError(f"{unreadable} (it holds no {', '.join(CHECKPOINT_KEYS)}); {_START_AFRESH}")
     return checkpoint
 
 
@@ -546,7 +627,8 @@ def check_resumable(saved: dict[str, Any], args: argparse.Namespace, path: Path)
     changed = [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current.get(k)!r}"
                for k in TRAJECTORY_ARGS if saved.get(k) != current.get(k)]
     if changed:
-        raise ValueError(f"cannot resume {path} with different settings: " + "; ".join(changed))
+        raise CheckpointError(f"cannot resume {path} with different settings: " + "; ".join(changed)
+                              + "; resume with the settings it was written with, or pass another --logdir")
 
 
 # --------------------------------------------------------------------------- training
@@ -581,7 +663,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     checkpoint = None
     if args.resume:
-        if checkpoint_path.is_file():
+        if checkpoint_path.exists():
             checkpoint = load_checkpoint(checkpoint_path)
             check_resumable(checkpoint["args"], args, checkpoint_path)
         elif show:
@@ -602,13 +684,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.train()
     loss_fn = nn.CrossEntropyLoss()
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    # purge_step hides what a previous (crashed or overwritten) run logged
-    # after the point this run starts from; the records at that very point
-    # (the checkpoint's evaluation) were written before the checkpoint and stay.
-    purge_step = int(checkpoint["state"]["examples"]) + 1 if checkpoint else 0
-    writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step) if ranks.leader else NullWriter()
     optimizer = make_optimizer(args, model)
     trained = ranks.wrap(model)  # what the steps run; evaluation and checkpoints use the bare model
     hessian_free = args.optimizer == "hf"
@@ -637,15 +712,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     loader_state = generator.get_state()  # generator state at the start of the current epoch
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state.update(checkpoint["state"])
-        # An end-of-run evaluation off the --eval-every schedule (e.g. mid-epoch)
-        # is not part of an uninterrupted run.
-        state["history"] = [r for r in state["history"] if not r["off_schedule"]]
-        loader_state = checkpoint["loader_generator"]
-        generator.set_state(loader_state)
-        set_rng_state(checkpoint["rng"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            state.update(checkpoint["state"])
+            # An end-of-run evaluation off the --eval-every schedule (e.g. mid-epoch)
+            # is not part of an uninterrupted run.
+            state["history"] = [r for r in state["history"] if not r["off_schedule"]]
+            loader_state = checkpoint["loader_generator"]
+            generator.set_state(loader_state)
+            set_rng_state(checkpoint["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"cannot resume from {checkpoint_path}: its contents do not fit this run "
+                                  f"({_one_line(err)}); {_START_AFRESH}") from err
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    # Opened only now, so that a refused checkpoint leaves the folder untouched.
+    # purge_step hides what a previous (crashed or overwritten) run logged
+    # after the point this run starts from; the records at that very point
+    # (the checkpoint's evaluation) were written before the checkpoint and stay.
+    purge_step = int(state["examples"]) + 1 if checkpoint else 0
+    writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step) if ranks.leader else NullWriter()
 
     def clock() -> float:
         return state["run_start_walltime"] + state["train_time"]
@@ -698,6 +786,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def checkpoint_now() -> None:
         if not ranks.leader:  # every rank holds the same parameters and optimizer state
             return
+        # Records up to the checkpoint must survive a crash after it: a resumed run purges only later ones.
+        writer.flush()
         save_checkpoint(checkpoint_path, {
             "version": CHECKPOINT_VERSION,
             "args": {k: v for k, v in vars(args).items()},
@@ -722,6 +812,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return "time_budget"
         return None
 
+    # Test-only (tests/test_checkpoints.py): die by SIGKILL, with no clean-up, right after this step.
+    sigkill_at_step = int(os.environ.get("HFOPT_TRAIN_SIGKILL_AT_STEP", "0")) or None
     planned = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         planned = min(planned, args.max_steps)
@@ -772,6 +864,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 writer.add_scalar("train/lr", lr, examples, walltime=walltime)
             bar.update(1)
             bar.set_postfix(epoch=state["epoch"] + 1, loss=f"{loss:.4f}", refresh=False)
+            if state["global_step"] == sigkill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
             if not math.isfinite(loss):
                 stop_reason = "diverged"
                 break
@@ -837,4 +931,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CheckpointError as err:  # a file to delete or a setting to fix, not a bug: no traceback
+        sys.exit(f"train.py: error: {err}")

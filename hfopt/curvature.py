@@ -73,11 +73,13 @@ class CurvatureOperator:
         if not named:
             raise ValueError(f"hfopt: {type(model).__name__} has no trainable parameters "
                              "(none with requires_grad=True); there is no curvature to compute")
+        _check_dtypes(named)
         self.model = model
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self._index = {id(p): i for i, p in enumerate(self.params)}
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        _check_inputs(inputs, self.params[0])
         self.graph: Graph = trace(model, len(inputs))
         self.fallbacks: List[str] = []
         self.fuse = fuse
@@ -192,7 +194,7 @@ class CurvatureOperator:
                 params = {n: self._frozen(getattr(module, n, None)) for n in rule.param_names}
         else:
             params = {}
-            rule = function_rule(node.target, args, kwargs) if tensors else None
+            rule = function_rule(node.target, args, kwargs, tensors, act) if tensors else None
             if rule is None:
                 # Constant glue runs as written: calls on constants, and metadata
                 # queries (x.size(0), x.shape) even of a tensor that carries a
@@ -467,6 +469,26 @@ class CurvatureOperator:
             if t.device != p.device:
                 raise ValueError(f"hfopt: v entry for parameter '{name}' is on {t.device}, expected {p.device}")
         return [t.detach() for t in v]
+
+
+def _check_dtypes(named: List) -> None:
+    for name, p in named:
+        if p.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"hfopt: parameter '{name}' is {p.dtype}; curvature products need float32 or float64 "
+                            "parameters (convert the model with model.float())")
+
+
+def _check_inputs(inputs: tuple, param: Tensor) -> None:
+    """Floating-point inputs must match the parameters' dtype and device:
+    otherwise the first layer fails deep inside a rule with an ATen message."""
+    for k, t in enumerate(inputs):
+        if not isinstance(t, Tensor):
+            continue
+        if t.device != param.device:
+            raise ValueError(f"hfopt: input {k} is on {t.device}, the model's parameters on {param.device}")
+        if t.is_floating_point() and t.dtype != param.dtype:
+            raise ValueError(f"hfopt: input {k} has dtype {t.dtype}, the model's parameters {param.dtype}; convert "
+                             "one of them")
 
 
 class GGN(CurvatureOperator):

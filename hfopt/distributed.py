@@ -116,6 +116,13 @@ class Shard:
     def scaled(self, loss: Tensor) -> Tensor:
         return loss * self.scale if self.mean else loss
 
+    def scaled_gradient(self, grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+        """The gradient of the scaled loss from that of the loss (what a closure's
+        own ``backward()`` left)."""
+        if not self.mean:
+            return list(grads)
+        return [None if g is None else g * self.scale for g in grads]
+
 
 # ----------------------------------------------------------------------------- DDP
 @contextmanager
@@ -245,7 +252,7 @@ class DataParallel:
         """Global loss and gradient from this rank's scaled loss and the gradient
         of that scaled loss: one all-reduce of ``[scale * loss, count, gradient]``."""
         like = params[0].detach()
-        head = torch.stack([shard.scaled(loss.detach()).to(like), like.new_tensor(float(shard.count))])
+        head = torch.stack([shard.scaled(loss.detach().reshape(())).to(like), like.new_tensor(float(shard.count))])
         flat = torch.cat([head] + [(torch.zeros_like(p) if g is None else g.detach()).reshape(-1)
                                    for p, g in zip(params, grads)])
         out = self._sum(flat, None)

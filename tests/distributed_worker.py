@@ -270,7 +270,26 @@ def optimizer(rank: int, world: int) -> Dict[str, Any]:
     out["ddp_grad"] = [p.grad.clone() for p in net.parameters()]
     out["ddp_hook_calls"] = hook_calls[0]
 
-    # 5. What keeps a closure that calls backward() reduced once: inside
+    # 5a. A torch.optim-style closure that calls backward() itself, on the DDP model.
+    net = mlp(None)
+    ddp = DDP(net)
+    hook_calls[0] = 0
+    ddp.register_comm_hook(None, counting_hook)
+    opt = hfopt.HFOptimizer(ddp.parameters(), **exact)
+
+    def backward_closure():
+        opt.zero_grad()
+        loss = loss_fn(ddp(xl), yl)
+        loss.backward()
+        return loss
+
+    trail = []
+    for _ in range(3):
+        opt.step(backward_closure)
+        trail.append(params_of(net))
+    out["ddp_backward"], out["ddp_backward_hook_calls"] = trail, hook_calls[0]
+
+    # 5b. What keeps a closure that calls backward() reduced once: inside
     #    ddp_gradient_sync_off DDP's reducer does not run and p.grad stays this rank's own.
     net = mlp(None)
     ddp = DDP(net)
@@ -328,14 +347,23 @@ def failures(rank: int, world: int) -> Dict[str, Any]:
             return loss_fn(outputs, yl), outputs
         return closure
 
+    def failing_trials(module, args):
+        # Trial evaluations run without gradients (the first call with them).
+        if rank == 1 and not torch.is_grad_enabled():
+            raise ValueError("bad input on this shard in a trial evaluation")
+
     state_before = opt.state_dict()
-    for name, when in (("raise_first_call", 1), ("raise_trial", 2)):
+    for name, closure in (("raise_first_call", raising(1)), ("raise_trial", closure_for(model, loss_fn, xl, yl))):
+        hook = model[0].register_forward_pre_hook(failing_trials) if name == "raise_trial" else None
         t0 = time.perf_counter()
         try:
-            opt.step(raising(when))
+            opt.step(closure)
             out[name] = {"error": None}
         except Exception as exc:  # noqa: BLE001 -- recorded for the test
             out[name] = {"error": type(exc).__name__, "message": str(exc), "seconds": time.perf_counter() - t0}
+        finally:
+            if hook is not None:
+                hook.remove()
         out[name]["params"] = params_of(model)
         out[name]["state_equal"] = _optimizer_states_equal(opt.state_dict(), state_before)
 

@@ -169,6 +169,15 @@ def test_ddp_model_gradient_reduced_exactly_once(optimizer):
     assert bitwise(optimizer[0]["ddp"][2], optimizer[1]["ddp"][2])
 
 
+def test_ddp_closure_calling_backward_is_reduced_once(optimizer):
+    ref = optimizer[0]["plain_ref"]
+    for res in optimizer:
+        assert res["ddp_backward_hook_calls"] == 0
+        for step in range(3):
+            assert rel_err(res["ddp_backward"][step], ref[step]) < 1e-8, step
+    assert bitwise(optimizer[0]["ddp_backward"][2], optimizer[1]["ddp_backward"][2])
+
+
 def test_ddp_reducer_stays_off_while_hf_runs_the_closure(optimizer):
     """A closure calling backward() inside HF's first call must not have DDP
     average the gradient that HF then sums over the ranks."""
