@@ -9,6 +9,7 @@ Examples::
     python examples/train.py --data cifar10 --model c3d3_bn --optimizer hf \\
         --time-budget 600
     python examples/train.py --optimizer hf --epochs 40 --resume  # continue a run
+    torchrun --nproc_per_node=2 examples/train.py --distributed   # data-parallel over 2 ranks
     tensorboard --logdir runs
 
 What is measured
@@ -82,6 +83,18 @@ default of 0.01 so that all optimizers start from the same objective.
 Threads: ``--threads`` sets torch's CPU threads.  On a machine with other
 load, oversubscribed threads can slow small models down several times;
 ``--threads 1`` is then often the fastest choice.
+
+Data-parallel (``--distributed``)
+---------------------------------
+Under ``torchrun`` every rank draws the same shuffled global batch of
+``--batch-size`` samples and trains on its own contiguous part of it
+(``tensor_split``: parts differ by at most one sample).  The model is wrapped
+in ``DistributedDataParallel``; HF reduces the gradient and every curvature
+product itself (see hfopt.distributed), SGD/Adam/SOAP rely on DDP's gradient
+averaging.  BatchNorm normalises per rank (DDP's default).  The logged batch
+loss and accuracy are those of the global batch; TensorBoard records,
+checkpoints, progress and the summary come from rank 0 only.  Backend: gloo on
+CPU, NCCL on CUDA (one GPU per rank, ``LOCAL_RANK``).
 
 Checkpoints and resuming
 ------------------------
@@ -241,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
                         help="checkpoint every this many epochs (0: only at the end)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel over the ranks torchrun starts (see the module docstring)")
     return parser
 
 
@@ -268,6 +283,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(str(err))
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.distributed and "RANK" not in os.environ:
+        parser.error("--distributed needs the ranks' environment that torchrun sets (RANK, WORLD_SIZE, ...): "
+                     "torchrun --nproc_per_node=K examples/train.py --distributed ...")
     if args.logdir is None:
         args.logdir = str(Path("runs") / f"{args.data}-{args.model}-{args.optimizer}-s{args.seed}")
     for name in ("batch_size", "eval_batch_size", "eval_every"):
@@ -331,6 +349,72 @@ class EpochBatches(Sampler):
 
 def on_device(dataset: TensorDataset, device: torch.device) -> TensorDataset:
     return TensorDataset(*(t.to(device) for t in dataset.tensors))
+
+
+class Ranks:
+    """This process's place among the data-parallel ranks (one rank when not distributed)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.enabled = args.distributed
+        self.rank, self.size = 0, 1
+        if self.enabled:
+            import torch.distributed as dist
+
+            cuda = torch.device(args.device).type == "cuda"
+            if cuda:
+                args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                torch.cuda.set_device(torch.device(args.device))
+            dist.init_process_group("nccl" if cuda else "gloo")
+            self.rank, self.size = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous part of a global batch."""
+        return torch.tensor_split(t, self.size)[self.rank] if self.enabled else t
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def batch_totals(self, loss: float, correct: int, count: int) -> tuple[float, int]:
+        """Mean loss and number correct over the global batch."""
+        if not self.enabled:
+            return loss, correct
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([loss * count, float(correct), float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t[0] / t[2]), int(round(float(t[1])))
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class NullWriter:
+    """What ranks other than 0 log to: nothing."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_text(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------- randomness
@@ -570,11 +654,12 @@ def _printable(summary: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train as configured by ``args`` (see :func:`parse_args`) and return the summary."""
     wall_start = time.perf_counter()
+    ranks = Ranks(args)
     device = torch.device(args.device)
     logdir = Path(args.logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = logdir / CHECKPOINT_NAME
-    show = not args.quiet
+    show = not args.quiet and ranks.leader
 
     checkpoint = None
     if args.resume:
@@ -600,6 +685,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loss_fn = nn.CrossEntropyLoss()
 
     optimizer = make_optimizer(args, model)
+    trained = ranks.wrap(model)  # what the steps run; evaluation and checkpoints use the bare model
     hessian_free = args.optimizer == "hf"
     if hessian_free:
         from hfopt.summaries import log_step
@@ -647,7 +733,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # after the point this run starts from; the records at that very point
     # (the checkpoint's evaluation) were written before the checkpoint and stay.
     purge_step = int(state["examples"]) + 1 if checkpoint else 0
-    writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
+    writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step) if ranks.leader else NullWriter()
 
     def clock() -> float:
         return state["run_start_walltime"] + state["train_time"]
@@ -698,6 +784,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               walltime=walltime)
 
     def checkpoint_now() -> None:
+        if not ranks.leader:  # every rank holds the same parameters and optimizer state
+            return
         # Records up to the checkpoint must survive a crash after it: a resumed run purges only later ones.
         writer.flush()
         save_checkpoint(checkpoint_path, {
@@ -750,7 +838,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 lr = learning_rate(args, state["global_step"] + 1)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-            loss, correct = train_step(optimizer, hessian_free, model, loss_fn, x, y)
+            xl, yl = ranks.local(x), ranks.local(y)
+            loss, correct = train_step(optimizer, hessian_free, trained, loss_fn, xl, yl)
+            loss, correct = ranks.batch_totals(loss, correct, len(yl))
             state["train_time"] += time.perf_counter() - start
             state["global_step"] += 1
             state["batch_in_epoch"] += 1
@@ -828,8 +918,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         info = getattr(optimizer, "last_step", None) or {}
         if "damping" in info:
             summary["hf_final_damping"] = float(info["damping"])
-    print("summary " + json.dumps(common.to_jsonable(_printable(summary))))
+    if ranks.leader:
+        print("summary " + json.dumps(common.to_jsonable(_printable(summary))))
     summary["history"] = history
+    ranks.close()
     return summary
 
 

@@ -13,18 +13,24 @@ needs.  A product ``v -> Bv`` is then
 ``GGN`` drops the residuals, ``Hessian`` keeps them.  Vectors are lists of
 tensors shaped like the model's trainable parameters, in ``model.parameters()``
 order.
+
+With ``process_group=`` the operator is the curvature of the global batch
+spread over the group's ranks (:mod:`hfopt.distributed`): each rank passes its
+own shard, and every product, gradient and diagonal estimate is a collective
+that all ranks must call in the same order.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from . import distributed
 from .graph import Graph, Ref, trace
 from .losses import LossCurvature, loss_curvature
 from .rules import (Input, Rule, fallback_function_rule, fallback_module_rule, function_rule, is_metadata_query,
@@ -57,9 +63,12 @@ class CurvatureOperator:
 
     residuals = False
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, inputs, targets, *, fuse: bool = True):
+    def __init__(self, model: nn.Module, loss_fn: Callable, inputs, targets, *, fuse: bool = True,
+                 process_group: Optional[Any] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"hfopt: model must be an nn.Module, got {type(model).__name__}")
+        model = distributed.unwrap(model)  # DistributedDataParallel: its module
+        self._dp = distributed.operator_group(model, process_group)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError(f"hfopt: {type(model).__name__} has no trainable parameters "
@@ -79,12 +88,22 @@ class CurvatureOperator:
         self._device_type = self.params[0].device.type
         self.compute_dtype: Optional[torch.dtype] = _autocast_dtype(self._device_type, self.params[0].dtype)
         with torch.no_grad(), self._exact_dtypes():
-            output = self._forward(inputs)
-            self.output = output
-            # The loss and its output derivatives in the parameters' precision.
-            self.loss_curvature: LossCurvature = loss_curvature(loss_fn, self._to_params_dtype(output), targets)
+            try:
+                output = self._forward(inputs)
+                self.output = output
+                # The loss and its output derivatives in the parameters' precision.
+                self.loss_curvature: Any = loss_curvature(loss_fn, self._to_params_dtype(output), targets)
+            except Exception as exc:
+                if self._dp is not None:  # the other ranks wait in the all-reduce of weighted_loss
+                    self._dp.share_failure(exc, 2, self.params[0])
+                raise
+            if self._dp is not None:
+                # This rank's share of the global objective; its value is the global loss.
+                self.loss_curvature = distributed.weighted_loss(self._dp, self.loss_curvature, loss_fn,
+                                                                self.params[0])
         self.loss = self.loss_curvature.value
-        self._gradient: Optional[Vector] = None
+        self._gradient: Optional[Vector] = None   # this rank's share
+        self._global_gradient: Optional[Vector] = None
         if self.residuals:
             self._gradient = self._first_order()
 
@@ -347,13 +366,22 @@ class CurvatureOperator:
     # ---------------------------------------------------------------- public
     def gradient(self) -> Vector:
         """dLoss/dParameters at the cached point, by the same rules."""
+        if self._global_gradient is None:
+            self._global_gradient = self._sum_over_ranks(self._local_gradient)
+        return [g.clone() for g in self._global_gradient]
+
+    def _local_gradient(self) -> Vector:
         if self._gradient is None:
             if not self._output_active:
                 self._gradient = [torch.zeros_like(p) for p in self.params]
             else:
                 with torch.no_grad(), self._exact_dtypes():
                     self._gradient = self._backward_sweep(self._compute(self.loss_curvature.grad()), None, None)
-        return [g.clone() for g in self._gradient]
+        return self._gradient
+
+    def _sum_over_ranks(self, compute: Callable[[], Vector]) -> Vector:
+        """``compute()``, summed over the ranks (one flat all-reduce) when data-parallel."""
+        return compute() if self._dp is None else self._dp.sum_vectors(compute, self.params)
 
     def matvec(self, v: Sequence[Tensor]) -> Vector:
         """The curvature times ``v`` (a list shaped like the parameters)."""
@@ -362,6 +390,9 @@ class CurvatureOperator:
     def _product(self, v: Vector, residuals: bool) -> Vector:
         if not self._output_active:
             return [torch.zeros_like(p) for p in self.params]
+        return self._sum_over_ranks(lambda: self._local_product(v, residuals))
+
+    def _local_product(self, v: Vector, residuals: bool) -> Vector:
         with torch.no_grad(), self._exact_dtypes():
             v = [self._compute(t) for t in v]
             dirs = self._jvp_sweep(v, keep=residuals)
@@ -415,11 +446,14 @@ class CurvatureOperator:
         total = [torch.zeros_like(p) for p in self.params]
         if not self._output_active:
             return total
+        # Data-parallel: each rank samples its shard independently and the
+        # ranks' sweeps are summed *before* squaring, as one process would.
+        own = generator if self._dp is None else self._dp.rank_generator(generator, self.params[0].device)
         with torch.no_grad(), self._exact_dtypes():
             for _ in range(samples):
                 if self.loss_curvature.closed_form:
-                    s = self._compute(self.loss_curvature.sample_sqrt(generator))
-                    contrib = [g * g for g in self._backward_sweep(s, None, None)]
+                    s = self._compute(self.loss_curvature.sample_sqrt(own))
+                    contrib = [g * g for g in self._sum_over_ranks(lambda: self._backward_sweep(s, None, None))]
                 else:
                     v = [torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
                          for p in self.params]

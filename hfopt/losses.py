@@ -208,19 +208,20 @@ class BCEWithLogitsCurvature(LossCurvature):
         _same_shape_target(self.loss_fn, self.output, self.target)
 
 
-def _same_shape_target(loss_fn, output: Tensor, target) -> None:
-    if not isinstance(target, Tensor) or not target.dtype.is_floating_point:
-        raise _target_error(loss_fn, "must be a floating-point tensor, got "
-                                     f"{target.dtype if isinstance(target, Tensor) else type(target).__name__}")
-    if target.shape != output.shape:
-        raise _target_error(loss_fn, f"shape {tuple(target.shape)} must equal the output shape {tuple(output.shape)}")
-
     def hvp(self, u: Tensor) -> Tensor:
         return self.diag * u
 
     def sample_sqrt(self, generator=None) -> Tensor:
         y = torch.bernoulli(self.s, generator=generator)
         return (y - self.s) * self.coef.clamp_min(0).sqrt()
+
+
+def _same_shape_target(loss_fn, output: Tensor, target) -> None:
+    if not isinstance(target, Tensor) or not target.dtype.is_floating_point:
+        raise _target_error(loss_fn, "must be a floating-point tensor, got "
+                                     f"{target.dtype if isinstance(target, Tensor) else type(target).__name__}")
+    if target.shape != output.shape:
+        raise _target_error(loss_fn, f"shape {tuple(target.shape)} must equal the output shape {tuple(output.shape)}")
 
 
 class AutogradCurvature(LossCurvature):

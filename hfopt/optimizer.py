@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .cg import backtrack, cg
 from .curvature import GGN, CurvatureOperator, Hessian
 from .damping import LevenbergMarquardt, reduction_ratio
@@ -79,6 +80,9 @@ DIAGNOSTICS = {
     "time_other": "the rest of wall_time (bookkeeping, CG's vector arithmetic)",
     "evaluations": "loss evaluations made in this step (the first closure call included)",
     "wall_time": "seconds for the whole step",
+    "time_communication": "seconds inside HF's all-reduces, waits for slower ranks included (already part of "
+                          "the stage times above; 0 in one process)",
+    "bytes_all_reduced": "bytes this rank put into HF's all-reduces in this step (0 in one process)",
     "accepted": "whether the parameters moved",
     "engine": "'rules' (per-layer rules) or 'autograd' (the fallback path); None if rejected before",
     "curvature_samples": "samples in the curvature mini-batch (None on the autograd path)",
@@ -92,7 +96,7 @@ def _new_diagnostics(lam: float) -> Dict[str, Any]:
     """Every documented key; what a step does not reach stays NaN (floats), 0
     (counts and times) or None."""
     diag: Dict[str, Any] = {k: math.nan for k in DIAGNOSTICS}
-    diag.update(evaluations=0, curvature_products=0, accepted=False, engine=None, cg_iterations=0,
+    diag.update(evaluations=0, curvature_products=0, bytes_all_reduced=0, time_communication=0.0, accepted=False, engine=None, cg_iterations=0,
                 cg_stop_reason=None, backtrack_iteration=None, curvature_samples=None, rejected=None, damping=lam)
     diag.update({k: 0.0 for k in _TIMES})
     return diag
@@ -113,6 +117,7 @@ class _Point:
     targets: Any
     rejected: Optional[str]
     backward_called: bool  # the closure ran loss.backward(): its graph may be gone
+    shard: distributed.Shard  # this rank's part of the global batch
 
 
 
@@ -210,6 +215,12 @@ class HFOptimizer(torch.optim.Optimizer):
             the step counter; a step rejected by the safety checks is logged
             under the number it would have had).
         seed: seed of the generator behind the preconditioner's sampling.
+        process_group: ``None`` (default): data-parallel over the default group
+            when ``torch.distributed`` is initialized with more than one rank;
+            a ``ProcessGroup``: over that group; ``False``: one process.
+            Data-parallel, each rank's closure runs on its own shard and the
+            step is that of the concatenated global batch (see
+            :mod:`hfopt.distributed`); every rank takes the same step.
     """
 
     def __init__(
@@ -238,6 +249,7 @@ class HFOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         writer: Any = None,
         seed: int = 0,
+        process_group: distributed.ProcessGroupArg = None,
     ):
         def number(x) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -290,6 +302,7 @@ class HFOptimizer(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):
             raise ValueError(f"writer must have an add_scalar method (a SummaryWriter), got {type(writer).__name__}")
+        self._dp = distributed.resolve(process_group)
         super().__init__(params, dict(weight_decay=weight_decay))
         self.options = dict(
             curvature=curvature, cg_max_iterations=cg_max_iterations, cg_eps=cg_eps, warm_start=warm_start,
@@ -397,6 +410,7 @@ class HFOptimizer(torch.optim.Optimizer):
         snapshot = self._snapshot(params)
         lam = self.damping.value
         diag = _new_diagnostics(lam)
+        self._dp.begin_step()
 
         point = self._first_call(closure, params, decay, diag)
         if point.rejected is not None:
@@ -411,10 +425,10 @@ class HFOptimizer(torch.optim.Optimizer):
             t0 = time.perf_counter()
             self._set_params(params, theta0, d)
             with torch.no_grad():
-                val = trial_loss()
+                val = self._dp.sum_loss(trial_loss, point.shard, point.g)
             diag["evaluations"] += 1
             diag["time_evaluations"] += time.perf_counter() - t0
-            return float(val) + _decay_term(params, decay)
+            return val + _decay_term(params, decay)
 
         try:
             B, precond, why = self._curvature(point, params, wd_flat, lam, diag)
@@ -457,19 +471,25 @@ class HFOptimizer(torch.optim.Optimizer):
         for p in params:
             p.grad = None
         try:
-            with torch.enable_grad(), capture.active():
+            with torch.enable_grad(), capture.active(), distributed.ddp_gradient_sync_off():
                 result = closure()
             diag["evaluations"] += 1
             backward_called = any(p.grad is not None for p in params)
             loss, outputs, found = _read_closure(result, capture, backward_called)
-            grads = _loss_gradient(loss, params, backward_called)
-        except BaseException:
+            shard = self._dp.shard(outputs, found[2])
+            # Data-parallel: the gradient of this rank's share of the global loss.
+            grads = _loss_gradient(shard.scaled(loss), params, backward_called)
+            if backward_called:  # backward() ran on the unscaled loss
+                grads = shard.scaled_gradient(grads)
+            value, grads, shard = self._dp.sum_loss_and_gradient(loss, grads, params, shard)
+        except BaseException as exc:
             for p, gr in zip(params, saved_grads):
                 p.grad = gr
             _restore(capture.buffers_before)
+            self._dp.share_failure(exc, self._dp.gradient_size(params), params[0].detach())
             raise
         loss = loss.reshape(())
-        objective = float(loss.detach()) + _decay_term(params, decay)
+        objective = value + _decay_term(params, decay)
         diag["loss_before"] = objective
         g = self._flat([torch.zeros_like(p) if gi is None else gi.detach() + wd * p.detach()
                         for p, gi, wd in zip(params, grads, decay)])
@@ -481,7 +501,7 @@ class HFOptimizer(torch.optim.Optimizer):
         return _Point(loss=loss, outputs=outputs, objective=objective, g=g, capture=capture,
                       buffers_after=capture.buffers_now(), model=model, inputs=inputs, loss_module=loss_module,
                       targets=targets, rejected=None if finite else "non-finite loss or gradient",
-                      backward_called=backward_called)
+                      backward_called=backward_called, shard=shard)
 
     @staticmethod
     def _trial_loss(point: "_Point", closure, params: List[Tensor]) -> Callable[[], Tensor]:
@@ -513,7 +533,8 @@ class HFOptimizer(torch.optim.Optimizer):
                 warnings.warn(f"hfopt: the curvature engine cannot follow this model ({why}); using the "
                               "autograd path (exact, slower)", stacklevel=4)
                 self._warned_autograd = True
-            matvec_raw = _AutogradCurvature(point.loss, point.outputs, params, self.options["curvature"])
+            matvec_raw = self._dp.summed_operator(
+                _AutogradCurvature(point.loss, point.outputs, params, self.options["curvature"]), point.shard)
         diag.update(engine=engine, curvature_samples=samples)
         diag["time_build"] = time.perf_counter() - t0
 
@@ -625,8 +646,12 @@ class HFOptimizer(torch.optim.Optimizer):
         samples = cur_inputs[0].shape[0] if cur_inputs and isinstance(cur_inputs[0], Tensor) \
             and cur_inputs[0].dim() > 0 else None
         try:
-            op = cls(model, loss_fn, cur_inputs, cur_targets)
+            # Data-parallel: the operator of the global curvature batch (one process: called as before).
+            spread = {} if self._dp.group is None else {"process_group": self._dp}
+            op = cls(model, loss_fn, cur_inputs, cur_targets, **spread)
         except (TypeError, ValueError, RuntimeError) as exc:  # a RuntimeError covers not-implemented ops too
+            if distributed.partial_failure(exc):  # other ranks built theirs: every rank abandons the step
+                raise
             raise _EngineUnavailable(f"{type(exc).__name__}: {exc}") from None
         return _Reordered(op, params), "rules", samples
 
@@ -695,6 +720,7 @@ class HFOptimizer(torch.optim.Optimizer):
         diag["wall_time"] = time.perf_counter() - t_start
         diag["curvature_time"] = diag["time_build"] + diag["time_products"] + diag["time_preconditioner"]
         diag["time_other"] = max(0.0, diag["wall_time"] - sum(diag[k] for k in _TIMES))
+        diag.update(self._dp.step_counters())
         self.last_step = diag
         if self.writer is not None:
             log_step(self.writer, diag, global_step)

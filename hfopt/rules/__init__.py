@@ -24,12 +24,13 @@ from .pooling import AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule, module_pooli
 from .functional import ParamsAsInputs, functional_layer_rule
 from .shape import (CatRule, DivRule, DropoutRule, IndexRule, PermuteRule, ReduceRule, ReshapeRule, ScaleRule,
                     arithmetic_rule, substitute)
+from .syncbatchnorm import SyncBatchNormRule, sync_batchnorm_rule
 
 __all__ = [
     "Rule", "Input", "module_rule", "function_rule", "is_metadata_query", "fallback_module_rule",
     "fallback_function_rule",
-    "BatchNormRule", "ConvRule", "LinearRule", "MaxPoolRule", "AvgPoolRule", "AdaptiveAvgPoolRule",
-    "ReshapeRule", "DropoutRule", "PermuteRule", "ReduceRule", "IndexRule", "ScaleRule", "DivRule", "CatRule",
+    "BatchNormRule", "SyncBatchNormRule", "ConvRule", "LinearRule", "MaxPoolRule", "AvgPoolRule",
+    "AdaptiveAvgPoolRule", "ReshapeRule", "DropoutRule", "PermuteRule", "ReduceRule", "IndexRule", "ScaleRule", "DivRule", "CatRule",
     "ParamsAsInputs", "FallbackRule",
 ]
 
@@ -42,6 +43,8 @@ def module_rule(module: nn.Module) -> Optional[Rule]:
         return ConvRule.from_module(module)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
         return BatchNormRule.from_module(module)
+    if isinstance(module, nn.SyncBatchNorm):
+        return sync_batchnorm_rule(module)
     if isinstance(module, nn.Flatten):
         start, end = module.start_dim, module.end_dim
         return ReshapeRule(lambda x: x.flatten(start, end))
