@@ -168,3 +168,42 @@ def test_the_guard_fires_on_autograd_outside_the_declared_paths():
     with forbid_autograd(), pytest.raises(AutogradCalled, match="vjp"):
         torch.func.vjp(torch.sin, w.detach())
     torch.autograd.grad((w * w).sum(), w)  # restored afterwards
+
+
+class OwnWeightLinear(nn.Module):
+    """A childless user layer holding its weight: traced into, so F.linear gets its rule."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) * 0.4)
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class DataDependent(nn.Module):
+    """fx cannot trace it (a branch on a value): it stays one warned fallback node."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        return x * self.scale if float(x.sum()) > -1e9 else x
+
+
+def test_a_childless_user_layer_reaches_the_functional_rules():
+    model = nn.Sequential(OwnWeightLinear(4, 5), nn.Tanh(), OwnWeightLinear(5, 3)).double()
+    x, y = randn(6, 4), labels(6, 3)
+    _closed_form_run(model, CE, x, y)
+    check_exact(model, CE, x, y, tag="-glue")
+
+
+def test_an_untraceable_user_layer_alone_falls_back():
+    model = nn.Sequential(OwnWeightLinear(4, 5), DataDependent(), nn.Linear(5, 3)).double()
+    x, y = randn(6, 4), labels(6, 3)
+    with pytest.warns(UserWarning, match="no closed-form curvature rule for DataDependent"):
+        G = hfopt.GGN(model, CE, x, y)
+    assert len(G.fallbacks) == 1 and "DataDependent" in G.fallbacks[0]
+    check_exact(model, CE, x, y, tag="-fallback")
