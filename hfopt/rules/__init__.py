@@ -85,6 +85,7 @@ _RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.reshape, torch.Tensor.re
              torch.Tensor.contiguous, torch.squeeze, torch.Tensor.squeeze, torch.unsqueeze, torch.Tensor.unsqueeze}
 _PERMUTES = {torch.Tensor.permute, torch.permute}
 _TRANSPOSES = {torch.transpose, torch.Tensor.transpose}
+_MOVEDIMS = {torch.movedim, torch.Tensor.movedim, torch.moveaxis, torch.Tensor.moveaxis}
 _REDUCTIONS = {torch.mean: True, torch.Tensor.mean: True, torch.sum: False, torch.Tensor.sum: False}
 _NEGATIONS = {operator.neg, torch.neg, torch.Tensor.neg, torch.Tensor.__neg__}
 _DIVISIONS = {operator.truediv, operator.itruediv, torch.div, torch.Tensor.div, torch.Tensor.div_,
@@ -182,6 +183,9 @@ def _glue_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rule]:
     if target in _TRANSPOSES:
         bound = _bind_dims(rest, kwargs, ("dim0", "dim1"))
         return PermuteRule(swap=bound) if bound is not None and all(isinstance(d, int) for d in bound) else None
+    if target in _MOVEDIMS:
+        bound = _bind_dims(rest, kwargs, ("source", "destination"))
+        return PermuteRule(move=bound) if bound is not None else None
     if target in _REDUCTIONS:
         return _reduce_rule(_REDUCTIONS[target], rest, kwargs)
     return None

@@ -65,16 +65,21 @@ class DropoutRule(Rule):
 
 
 class PermuteRule(Rule):
-    """``permute``/``transpose``: the transposed product is the inverse permutation."""
+    """``permute``/``transpose``/``movedim``: the transposed product is the inverse permutation."""
 
-    def __init__(self, dims: Optional[Sequence[int]] = None, swap: Optional[Tuple[int, int]] = None):
-        self.dims, self.swap = dims, swap
+    def __init__(self, dims: Optional[Sequence[int]] = None, swap: Optional[Tuple[int, int]] = None,
+                 move: Optional[Tuple[Any, Any]] = None):
+        self.dims, self.swap, self.move = dims, swap, move
 
     def forward(self, inputs, params) -> Tensor:
         x = inputs[0]
         if self.swap is not None:
             return x.transpose(*self.swap)
         n = x.dim()
+        if self.move is not None:
+            # The permutation movedim makes, read off a meta tensor with distinct sizes.
+            probe = torch.empty(tuple(range(2, n + 2)), device="meta").movedim(*self.move)
+            self.dims = [size - 2 for size in probe.shape]
         self.inverse = [0] * n
         for i, d in enumerate(self.dims):
             self.inverse[d % n] = i
