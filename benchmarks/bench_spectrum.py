@@ -23,6 +23,10 @@ included.  Tasks:
   Hutch++ (its default); PyHessian ``trace(maxIter=100)`` with its early stop
   disabled; hessian-eigenthings ``trace(method="hutchinson")``.
 
+With ``--repeats`` above 1 the products and values are the last round's (PyHessian
+starts from an unseeded random vector, so its count varies), products/s is
+that count over the median time.
+
 Before each peer run the parameters, buffers and train/eval mode are
 snapshotted; whether the run changed them is reported, then they are restored.
 BatchNorm's running statistics are first set by a pass over 1024 other

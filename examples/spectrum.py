@@ -15,8 +15,8 @@ fresh (seeded by ``--seed``) or from an ``examples/train.py`` checkpoint,
 whose model name it reads.
 
 Printed and written to ``<out>/spectrum.json``: the ``--k`` largest
-eigenvalues (relative tolerance ``--tol``), the Hutch++ trace with its
-standard error, and two condition-number proxies, ``lambda_max / (trace / n)``
+eigenvalues (relative tolerance ``--tol``), the trace (Hutchinson or Hutch++)
+with its standard error, and two condition-number proxies, ``lambda_max / (trace / n)``
 (top eigenvalue over the mean eigenvalue) and ``lambda_1 / lambda_k``; the
 smallest eigenvalue is no use as a denominator, being zero (GGN) or negative
 (Hessian).  ``<out>/density.png`` is the stochastic-Lanczos-quadrature
@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian")
     p.add_argument("--k", type=int, default=5, help="top eigenvalues")
     p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of the eigenvalues")
-    p.add_argument("--trace-samples", type=int, default=100, help="products for the Hutch++ trace")
+    p.add_argument("--trace-samples", type=int, default=100, help="products for the trace")
+    p.add_argument("--trace-method", choices=("hutchinson", "hutch++"), default="hutchinson",
+                   help="trace estimator")
     p.add_argument("--probes", type=int, default=1, help="SLQ probes")
     p.add_argument("--steps", type=int, default=100, help="Lanczos steps per SLQ probe")
     p.add_argument("--seed", type=int, default=0, help="seed of a fresh model and of the probes")
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         op = hfopt.DatasetOperator(model, loss_fn, batches, curvature=args.curvature)
     top = hfopt.eigenvalues(op, k=args.k, tol=args.tol, seed=args.seed)
-    tr = hfopt.trace(op, args.trace_samples, seed=args.seed)
+    tr = hfopt.trace(op, args.trace_samples, method=args.trace_method, seed=args.seed)
     density = hfopt.spectral_density(op, probes=args.probes, steps=args.steps, seed=args.seed)
     values = top.eigenvalues.tolist()
     mean_eig = tr.estimate / op.numel
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loss": float(op.loss),
         "top_eigenvalues": values, "eigen_residuals": top.residuals.tolist(), "lanczos_steps": top.iterations,
         "converged": top.converged, "tol": args.tol,
-        "trace": tr.estimate, "trace_stderr": tr.stderr, "trace_products": tr.products,
+        "trace": tr.estimate, "trace_stderr": tr.stderr, "trace_method": tr.method, "trace_products": tr.products,
         "condition_proxy_top_over_mean": values[0] / mean_eig if mean_eig > 0 else None,
         "condition_proxy_top_over_kth": values[0] / values[-1] if values[-1] > 0 else None,
         "density": {"grid": density.grid.tolist(), "density": density.density.tolist(), "sigma": density.sigma,
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{title}: {op.numel} parameters, loss {record['loss']:.4f}")
     print(f"top {args.k} eigenvalues ({top.iterations} Lanczos steps, tol {args.tol:g}): "
           + ", ".join(f"{v:.5g}" for v in values))
-    print(f"trace (Hutch++, {tr.products} products): {tr.estimate:.5g} +- {tr.stderr:.2g}")
+    print(f"trace ({tr.method}, {tr.products} products): {tr.estimate:.5g} +- {tr.stderr:.2g}")
     print("condition proxies: lambda_max / mean eigenvalue = "
           + (f"{proxy:.4g}" if proxy is not None else "n/a (trace <= 0)")
           + (f", lambda_1 / lambda_{args.k} = {record['condition_proxy_top_over_kth']:.4g}"
