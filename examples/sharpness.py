@@ -16,6 +16,8 @@ of the objective the optimizer descends).  Measuring is side-effect free: the
 operators never write to parameters or BatchNorm buffers, and Lanczos draws
 its start vector from a private generator, so torch's global RNG stream, and
 with it the training run, is the same with and without ``--sharpness-every``.
+Under ``--distributed`` every rank measures the same samples on its own copy of
+the model (the parameters are equal on all ranks), and rank 0 logs.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ Examples::
     python examples/train.py --data cifar10 --model c3d3_bn --optimizer hf \\
         --time-budget 600
     python examples/train.py --optimizer hf --epochs 40 --resume  # continue a run
+    torchrun --nproc_per_node=2 examples/train.py --distributed   # data-parallel over 2 ranks
     tensorboard --logdir runs
 
 What is measured
@@ -83,6 +84,18 @@ Threads: ``--threads`` sets torch's CPU threads.  On a machine with other
 load, oversubscribed threads can slow small models down several times;
 ``--threads 1`` is then often the fastest choice.
 
+Data-parallel (``--distributed``)
+---------------------------------
+Under ``torchrun`` every rank draws the same shuffled global batch of
+``--batch-size`` samples and trains on its own contiguous part of it
+(``tensor_split``: parts differ by at most one sample).  The model is wrapped
+in ``DistributedDataParallel``; HF reduces the gradient and every curvature
+product itself (see hfopt.distributed), SGD/Adam/SOAP rely on DDP's gradient
+averaging.  BatchNorm normalises per rank (DDP's default).  The logged batch
+loss and accuracy are those of the global batch; TensorBoard records,
+checkpoints, progress and the summary come from rank 0 only.  Backend: gloo on
+CPU, NCCL on CUDA (one GPU per rank, ``LOCAL_RANK``).
+
 Checkpoints and resuming
 ------------------------
 ``<logdir>/checkpoint.pt`` is written after every ``--checkpoint-every``
@@ -92,8 +105,29 @@ torch/numpy/python, and the data loader generator's state at the start of
 the current epoch together with the number of batches already taken from
 it.  ``--resume`` restores all of it, so a resumed run produces bit-for-bit the
 same parameters and losses as an uninterrupted one (on the same device and
-thread count).  ``--epochs``, ``--max-steps`` and ``--time-budget`` count the
-whole run, resumed parts included, and may be raised when resuming.
+thread count), also after a crash or a SIGKILL in mid-epoch: it goes on from
+the last checkpoint (tests/test_checkpoints.py kills runs to check this).
+``--epochs``, ``--max-steps`` and ``--time-budget`` count the whole run,
+resumed parts included, and may be raised when resuming.
+
+A checkpoint is written atomically: to a temporary file in the same folder,
+flushed to disk (fsync), then renamed over the old one with ``os.replace``, so
+a crash leaves the old checkpoint or the new one, never a torn file (a
+process killed while saving may leave its ``.checkpoint.pt.<pid>.tmp``, which
+is never read: delete it).  Before
+it, the TensorBoard writer is flushed, so a killed run loses none of the
+records up to the checkpoint (a record still queued in the writer's thread
+would die with the process); the resumed run purges what the killed one
+logged after the checkpoint.  (The killed run's mini-batch loss and accuracy
+of the batch after the checkpoint sit at the checkpoint's own x, which the
+purge keeps: they may show twice, with the same value.)  ``--resume`` loads
+with ``torch.load(weights_only=True)``, which runs no code from the file,
+after checking the archive's CRCs (which ``torch.load`` does not).  A
+checkpoint that is truncated, corrupted, not a checkpoint, from another
+version of train.py or from other settings is refused: train.py exits with
+status 1 and a one-line error naming the file and what to do; it never starts
+afresh over it.  Without ``--resume`` an existing checkpoint is replaced by
+the new run's; with ``--resume`` and no checkpoint the run starts from scratch.
 
 The training loop is deterministic: every RNG is seeded from ``--seed``, and
 the loader (``num_workers=0``) draws each epoch's shuffle from its own seeded
@@ -110,8 +144,10 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -211,12 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logdir", default=None,
                         help="TensorBoard and checkpoint folder; default runs/<data>-<model>-<optimizer>-s<seed>")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from <logdir>/checkpoint.pt (starts fresh if there is none)")
+                        help="continue from <logdir>/checkpoint.pt (starts fresh if there is none; "
+                             "refuses, with exit status 1, one it cannot read)")
     parser.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS",
                         help="evaluate every this many epochs (and at the end of the run)")
     parser.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
                         help="checkpoint every this many epochs (0: only at the end)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel over the ranks torchrun starts (see the module docstring)")
     sharp = parser.add_argument_group("sharpness (examples/sharpness.py)")
     sharp.add_argument("--sharpness-every", type=int, default=0, metavar="N",
                        help="every N steps (and at the start) log the top Hessian and GGN eigenvalues "
@@ -253,6 +292,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(str(err))
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.distributed and "RANK" not in os.environ:
+        parser.error("--distributed needs the ranks' environment that torchrun sets (RANK, WORLD_SIZE, ...): "
+                     "torchrun --nproc_per_node=K examples/train.py --distributed ...")
     if args.logdir is None:
         args.logdir = str(Path("runs") / f"{args.data}-{args.model}-{args.optimizer}-s{args.seed}")
     for name in ("batch_size", "eval_batch_size", "eval_every"):
@@ -322,6 +364,72 @@ class EpochBatches(Sampler):
 
 def on_device(dataset: TensorDataset, device: torch.device) -> TensorDataset:
     return TensorDataset(*(t.to(device) for t in dataset.tensors))
+
+
+class Ranks:
+    """This process's place among the data-parallel ranks (one rank when not distributed)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.enabled = args.distributed
+        self.rank, self.size = 0, 1
+        if self.enabled:
+            import torch.distributed as dist
+
+            cuda = torch.device(args.device).type == "cuda"
+            if cuda:
+                args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                torch.cuda.set_device(torch.device(args.device))
+            dist.init_process_group("nccl" if cuda else "gloo")
+            self.rank, self.size = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous part of a global batch."""
+        return torch.tensor_split(t, self.size)[self.rank] if self.enabled else t
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def batch_totals(self, loss: float, correct: int, count: int) -> tuple[float, int]:
+        """Mean loss and number correct over the global batch."""
+        if not self.enabled:
+            return loss, correct
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([loss * count, float(correct), float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t[0] / t[2]), int(round(float(t[1])))
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class NullWriter:
+    """What ranks other than 0 log to: nothing."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_text(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------- randomness
@@ -459,19 +567,73 @@ def precise_bn_copy(model: nn.Module, train_set: TensorDataset, samples: int, ba
 
 
 # --------------------------------------------------------------------------- checkpoints
+class CheckpointError(ValueError):
+    """A checkpoint that ``--resume`` cannot continue from; the message names the file and the way out."""
+
+
+# What a train.py checkpoint holds; anything without all of it is not one.
+CHECKPOINT_KEYS = ("version", "args", "model", "optimizer", "state", "loader_generator", "rng")
+_START_AFRESH = "delete it (or run without --resume) to start this run from scratch"
+
+
+def _one_line(err: Exception, limit: int = 200) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """Write ``payload`` to ``path`` atomically: a crash at any point leaves the previous
+    checkpoint or the new one, never a mixture.  The temporary file sits next to ``path``
+    (``os.replace`` is atomic only within one file system) and is gone if the save fails."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; Windows cannot open a folder)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only: a checkpoint is plain tensors and containers, so loading one
-    # never runs code from the file.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is not a checkpoint of this version of train.py (version "
-                         f"{checkpoint.get('version')}, expected {CHECKPOINT_VERSION})")
+    """The checkpoint at ``path``, or a :class:`CheckpointError` saying why it cannot be resumed."""
+    unreadable = f"cannot resume from {path}: it is not a readable train.py checkpoint"
+    try:
+        # torch.load does not check the archive's CRCs: a flipped bit in a tensor would load silently.
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+        if bad_member is not None:
+            raise ValueError(f"member {bad_member} fails its CRC check")
+        # weights_only: a checkpoint is plain tensors and containers, so loading one
+        # never runs code from the file.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises anything from EOFError to UnicodeDecodeError here
+        raise CheckpointError(f"{unreadable} ({_one_line(err)}; truncated or corrupted?); "
+                              f"{_START_AFRESH}") from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{unreadable} (it holds a {type(checkpoint).__name__}); {_START_AFRESH}")
+    if checkpoint.get("version", CHECKPOINT_VERSION) != CHECKPOINT_VERSION:
+        raise CheckpointError(f"cannot resume from {path}: it was written by another version of train.py "
+                              f"(checkpoint version {checkpoint['version']!r}, this one reads "
+                              f"{CHECKPOINT_VERSION}); resume it with the train.py that wrote it, or "
+                              f"{_START_AFRESH}")
+    if (not set(CHECKPOINT_KEYS) <= checkpoint.keys() or not isinstance(checkpoint["args"], dict)
+            or not isinstance(checkpoint["state"], dict)):
+        raise CheckpointError(f"{unreadable} (it holds no {', '.join(CHECKPOINT_KEYS)}); {_START_AFRESH}")
     return checkpoint
 
 
@@ -480,7 +642,8 @@ def check_resumable(saved: dict[str, Any], args: argparse.Namespace, path: Path)
     changed = [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current.get(k)!r}"
                for k in TRAJECTORY_ARGS if saved.get(k) != current.get(k)]
     if changed:
-        raise ValueError(f"cannot resume {path} with different settings: " + "; ".join(changed))
+        raise CheckpointError(f"cannot resume {path} with different settings: " + "; ".join(changed)
+                              + "; resume with the settings it was written with, or pass another --logdir")
 
 
 # --------------------------------------------------------------------------- training
@@ -506,15 +669,16 @@ def _printable(summary: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train as configured by ``args`` (see :func:`parse_args`) and return the summary."""
     wall_start = time.perf_counter()
+    ranks = Ranks(args)
     device = torch.device(args.device)
     logdir = Path(args.logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = logdir / CHECKPOINT_NAME
-    show = not args.quiet
+    show = not args.quiet and ranks.leader
 
     checkpoint = None
     if args.resume:
-        if checkpoint_path.is_file():
+        if checkpoint_path.exists():
             checkpoint = load_checkpoint(checkpoint_path)
             check_resumable(checkpoint["args"], args, checkpoint_path)
         elif show:
@@ -535,14 +699,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.train()
     loss_fn = nn.CrossEntropyLoss()
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    # purge_step hides what a previous (crashed or overwritten) run logged
-    # after the point this run starts from; the records at that very point
-    # (the checkpoint's evaluation) were written before the checkpoint and stay.
-    purge_step = int(checkpoint["state"]["examples"]) + 1 if checkpoint else 0
-    writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
     optimizer = make_optimizer(args, model)
+    trained = ranks.wrap(model)  # what the steps run; evaluation and checkpoints use the bare model
     hessian_free = args.optimizer == "hf"
     if hessian_free:
         from hfopt.summaries import log_step
@@ -575,15 +733,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     loader_state = generator.get_state()  # generator state at the start of the current epoch
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state.update(checkpoint["state"])
-        # An end-of-run evaluation off the --eval-every schedule (e.g. mid-epoch)
-        # is not part of an uninterrupted run.
-        state["history"] = [r for r in state["history"] if not r["off_schedule"]]
-        loader_state = checkpoint["loader_generator"]
-        generator.set_state(loader_state)
-        set_rng_state(checkpoint["rng"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            state.update(checkpoint["state"])
+            # An end-of-run evaluation off the --eval-every schedule (e.g. mid-epoch)
+            # is not part of an uninterrupted run.
+            state["history"] = [r for r in state["history"] if not r["off_schedule"]]
+            loader_state = checkpoint["loader_generator"]
+            generator.set_state(loader_state)
+            set_rng_state(checkpoint["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"cannot resume from {checkpoint_path}: its contents do not fit this run "
+                                  f"({_one_line(err)}); {_START_AFRESH}") from err
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    # Opened only now, so that a refused checkpoint leaves the folder untouched.
+    # purge_step hides what a previous (crashed or overwritten) run logged
+    # after the point this run starts from; the records at that very point
+    # (the checkpoint's evaluation) were written before the checkpoint and stay.
+    purge_step = int(state["examples"]) + 1 if checkpoint else 0
+    writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step) if ranks.leader else NullWriter()
 
     def clock() -> float:
         return state["run_start_walltime"] + state["train_time"]
@@ -634,6 +805,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               walltime=walltime)
 
     def checkpoint_now() -> None:
+        if not ranks.leader:  # every rank holds the same parameters and optimizer state
+            return
+        # Records up to the checkpoint must survive a crash after it: a resumed run purges only later ones.
+        writer.flush()
         save_checkpoint(checkpoint_path, {
             "version": CHECKPOINT_VERSION,
             "args": {k: v for k, v in vars(args).items()},
@@ -660,6 +835,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return "time_budget"
         return None
 
+    # Test-only (tests/test_checkpoints.py): die by SIGKILL, with no clean-up, right after this step.
+    sigkill_at_step = int(os.environ.get("HFOPT_TRAIN_SIGKILL_AT_STEP", "0")) or None
     planned = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         planned = min(planned, args.max_steps)
@@ -684,7 +861,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 lr = learning_rate(args, state["global_step"] + 1)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-            loss, correct = train_step(optimizer, hessian_free, model, loss_fn, x, y)
+            xl, yl = ranks.local(x), ranks.local(y)
+            loss, correct = train_step(optimizer, hessian_free, trained, loss_fn, xl, yl)
+            loss, correct = ranks.batch_totals(loss, correct, len(yl))
             state["train_time"] += time.perf_counter() - start
             state["global_step"] += 1
             state["batch_in_epoch"] += 1
@@ -711,6 +890,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sharpness.log(writer, model, loss_fn, examples, walltime, None if hessian_free else lr)
             bar.update(1)
             bar.set_postfix(epoch=state["epoch"] + 1, loss=f"{loss:.4f}", refresh=False)
+            if state["global_step"] == sigkill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
             if not math.isfinite(loss):
                 stop_reason = "diverged"
                 break
@@ -763,8 +944,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         info = getattr(optimizer, "last_step", None) or {}
         if "damping" in info:
             summary["hf_final_damping"] = float(info["damping"])
-    print("summary " + json.dumps(common.to_jsonable(_printable(summary))))
+    if ranks.leader:
+        print("summary " + json.dumps(common.to_jsonable(_printable(summary))))
     summary["history"] = history
+    ranks.close()
     return summary
 
 
@@ -774,4 +957,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CheckpointError as err:  # a file to delete or a setting to fix, not a bug: no traceback
+        sys.exit(f"train.py: error: {err}")

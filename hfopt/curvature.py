@@ -13,18 +13,24 @@ needs.  A product ``v -> Bv`` is then
 ``GGN`` drops the residuals, ``Hessian`` keeps them.  Vectors are lists of
 tensors shaped like the model's trainable parameters, in ``model.parameters()``
 order.
+
+With ``process_group=`` the operator is the curvature of the global batch
+spread over the group's ranks (:mod:`hfopt.distributed`): each rank passes its
+own shard, and every product, gradient and diagonal estimate is a collective
+that all ranks must call in the same order.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from . import distributed
 from .graph import Graph, Ref, trace
 from .losses import LossCurvature, loss_curvature
 from .rules import (Input, Rule, fallback_function_rule, fallback_module_rule, function_rule, is_metadata_query,
@@ -131,31 +137,64 @@ class CurvatureOperator(FlatOperator):
 
     residuals = False
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, inputs, targets, *, fuse: bool = True):
+    def __init__(self, model: nn.Module, loss_fn: Callable, inputs, targets, *, fuse: bool = True,
+                 process_group: Optional[Any] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"hfopt: model must be an nn.Module, got {type(model).__name__}")
+        model = distributed.unwrap(model)  # DistributedDataParallel: its module
+        self._dp = distributed.operator_group(model, process_group)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError(f"hfopt: {type(model).__name__} has no trainable parameters "
                              "(none with requires_grad=True); there is no curvature to compute")
+        _check_dtypes(named)
         self.model = model
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self._index = {id(p): i for i, p in enumerate(self.params)}
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        _check_inputs(inputs, self.params[0])
         self.graph: Graph = trace(model, len(inputs))
         self.fallbacks: List[str] = []
         self.fuse = fuse
         self._copies: Dict[int, Tensor] = {}
         self._live: Dict[int, int] = {}  # id(copy) -> id(parameter)
-        with torch.no_grad():
-            output = self._forward(inputs)
-            self.output = output
-            self.loss_curvature: LossCurvature = loss_curvature(loss_fn, output, targets)
+        self._device_type = self.params[0].device.type
+        self.compute_dtype: Optional[torch.dtype] = _autocast_dtype(self._device_type, self.params[0].dtype)
+        with torch.no_grad(), self._exact_dtypes():
+            try:
+                output = self._forward(inputs)
+                self.output = output
+                # The loss and its output derivatives in the parameters' precision.
+                self.loss_curvature: Any = loss_curvature(loss_fn, self._to_params_dtype(output), targets)
+            except Exception as exc:
+                if self._dp is not None:  # the other ranks wait in the all-reduce of weighted_loss
+                    self._dp.share_failure(exc, 2, self.params[0])
+                raise
+            if self._dp is not None:
+                # This rank's share of the global objective; its value is the global loss.
+                self.loss_curvature = distributed.weighted_loss(self._dp, self.loss_curvature, loss_fn,
+                                                                self.params[0])
         self.loss = self.loss_curvature.value
-        self._gradient: Optional[Vector] = None
+        self._gradient: Optional[Vector] = None   # this rank's share
+        self._global_gradient: Optional[Vector] = None
         if self.residuals:
             self._gradient = self._first_order()
+
+    # ---------------------------------------------------------------- precision
+    def _exact_dtypes(self):
+        """Autocast off inside the engine: with a compute dtype the rules run
+        on tensors cast to it, so that every op of a rule sees one dtype."""
+        return torch.autocast(self._device_type, enabled=False)
+
+    def _compute(self, t):
+        """``t`` in the compute dtype (floating tensors only; others unchanged)."""
+        if self.compute_dtype is None or not isinstance(t, Tensor) or not t.is_floating_point():
+            return t
+        return t.to(self.compute_dtype)
+
+    def _to_params_dtype(self, t: Tensor) -> Tensor:
+        return t if self.compute_dtype is None else t.to(self.params[0].dtype)
 
     # ---------------------------------------------------------------- forward
     def _forward(self, inputs: tuple) -> Tensor:
@@ -169,7 +208,7 @@ class CurvatureOperator(FlatOperator):
             if node.op == "input":
                 if node.target >= len(inputs):
                     raise ValueError(f"hfopt: the model's forward takes more inputs than the {len(inputs)} given")
-                values[i] = inputs[node.target]
+                values[i] = self._compute(inputs[node.target])
             elif node.op == "attr":
                 values[i] = self._frozen(node.target)
                 idx = self._index.get(id(node.target))
@@ -196,7 +235,7 @@ class CurvatureOperator(FlatOperator):
             return t
         copy = self._copies.get(id(t))
         if copy is None:
-            copy = self._copies[id(t)] = t.detach().clone()
+            copy = self._copies[id(t)] = self._compute(t.detach().clone())
             self._live[id(copy)] = id(t)
         return copy
 
@@ -226,7 +265,7 @@ class CurvatureOperator(FlatOperator):
                 refs.append(a.index)
                 act.append(active[a.index])
             elif isinstance(a, Tensor):
-                v = a
+                v = self._compute(a)
                 refs.append(None)
                 act.append(False)
             else:
@@ -247,7 +286,7 @@ class CurvatureOperator(FlatOperator):
                 params = {n: self._frozen(getattr(module, n, None)) for n in rule.param_names}
         else:
             params = {}
-            rule = function_rule(node.target, args, kwargs) if tensors else None
+            rule = function_rule(node.target, args, kwargs, tensors, act) if tensors else None
             if rule is None:
                 # Constant glue runs as written: calls on constants, and metadata
                 # queries (x.size(0), x.shape) even of a tensor that carries a
@@ -382,15 +421,15 @@ class CurvatureOperator(FlatOperator):
         for i, idx in self._param_nodes.items():
             if i in cot:
                 grads[idx] = add_optional(grads[idx], cot[i])
-        return [torch.zeros_like(p) if g is None else g.reshape(p.shape) for p, g in zip(self.params, grads)]
+        return [torch.zeros_like(p) if g is None else g.reshape(p.shape).to(p.dtype) for p, g in zip(self.params, grads)]
 
     def _first_order(self) -> Vector:
         for step in self.steps:
             step.residual = step.rule.has_residual()
         if not self._output_active:
             return [torch.zeros_like(p) for p in self.params]
-        with torch.no_grad():
-            grads = self._backward_sweep(self.loss_curvature.grad(), None, None, store_gradients=True)
+        with torch.no_grad(), self._exact_dtypes():
+            grads = self._backward_sweep(self._compute(self.loss_curvature.grad()), None, None, store_gradients=True)
         for step in self.steps:
             # A step whose output never reaches the loss (a dead branch) has a
             # zero gradient, hence a zero residual: nothing to add, nothing to store.
@@ -401,13 +440,22 @@ class CurvatureOperator(FlatOperator):
     # ---------------------------------------------------------------- public
     def gradient(self) -> Vector:
         """dLoss/dParameters at the cached point, by the same rules."""
+        if self._global_gradient is None:
+            self._global_gradient = self._sum_over_ranks(self._local_gradient)
+        return [g.clone() for g in self._global_gradient]
+
+    def _local_gradient(self) -> Vector:
         if self._gradient is None:
             if not self._output_active:
                 self._gradient = [torch.zeros_like(p) for p in self.params]
             else:
-                with torch.no_grad():
-                    self._gradient = self._backward_sweep(self.loss_curvature.grad(), None, None)
-        return [g.clone() for g in self._gradient]
+                with torch.no_grad(), self._exact_dtypes():
+                    self._gradient = self._backward_sweep(self._compute(self.loss_curvature.grad()), None, None)
+        return self._gradient
+
+    def _sum_over_ranks(self, compute: Callable[[], Vector]) -> Vector:
+        """``compute()``, summed over the ranks (one flat all-reduce) when data-parallel."""
+        return compute() if self._dp is None else self._dp.sum_vectors(compute, self.params)
 
     def matvec(self, v: Sequence[Tensor]) -> Vector:
         """The curvature times ``v`` (a list shaped like the parameters)."""
@@ -416,13 +464,17 @@ class CurvatureOperator(FlatOperator):
     def _product(self, v: Vector, residuals: bool) -> Vector:
         if not self._output_active:
             return [torch.zeros_like(p) for p in self.params]
-        with torch.no_grad():
+        return self._sum_over_ranks(lambda: self._local_product(v, residuals))
+
+    def _local_product(self, v: Vector, residuals: bool) -> Vector:
+        with torch.no_grad(), self._exact_dtypes():
+            v = [self._compute(t) for t in v]
             dirs = self._jvp_sweep(v, keep=residuals)
             d_out = dirs.get(self.graph.output.index)
             if d_out is None:
                 d_out = torch.zeros_like(self.output)
-            u = self.loss_curvature.hvp(d_out)
-            return self._backward_sweep(u, dirs if residuals else None, v)
+            u = self.loss_curvature.hvp(self._to_params_dtype(d_out))
+            return self._backward_sweep(self._compute(u), dirs if residuals else None, v)
 
     def diagonal_estimate(self, samples: int = 1, generator: Optional[torch.Generator] = None) -> Vector:
         """Unbiased estimate of the Gauss-Newton diagonal from ``samples`` backward
@@ -435,11 +487,14 @@ class CurvatureOperator(FlatOperator):
         total = [torch.zeros_like(p) for p in self.params]
         if not self._output_active:
             return total
-        with torch.no_grad():
+        # Data-parallel: each rank samples its shard independently and the
+        # ranks' sweeps are summed *before* squaring, as one process would.
+        own = generator if self._dp is None else self._dp.rank_generator(generator, self.params[0].device)
+        with torch.no_grad(), self._exact_dtypes():
             for _ in range(samples):
                 if self.loss_curvature.closed_form:
-                    s = self.loss_curvature.sample_sqrt(generator)
-                    contrib = [g * g for g in self._backward_sweep(s, None, None)]
+                    s = self._compute(self.loss_curvature.sample_sqrt(own))
+                    contrib = [g * g for g in self._sum_over_ranks(lambda: self._backward_sweep(s, None, None))]
                 else:
                     v = [torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
                          for p in self.params]
@@ -447,6 +502,46 @@ class CurvatureOperator(FlatOperator):
                 for t, c in zip(total, contrib):
                     t.add_(c)
         return [t / samples for t in total]
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has one flag per device kind
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _autocast_dtype(device_type: str, param_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype the products run in: the active ``torch.autocast`` dtype for
+    the parameters' device when one is enabled at build, else None (the
+    parameters' own)."""
+    if not _autocast_enabled(device_type):
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:  # torch < 2.4
+        dtype = torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    return None if dtype == param_dtype else dtype
+
+
+def _check_dtypes(named: List) -> None:
+    for name, p in named:
+        if p.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"hfopt: parameter '{name}' is {p.dtype}; curvature products need float32 or float64 "
+                            "parameters (convert the model with model.float())")
+
+
+def _check_inputs(inputs: tuple, param: Tensor) -> None:
+    """Floating-point inputs must match the parameters' dtype and device:
+    otherwise the first layer fails deep inside a rule with an ATen message."""
+    for k, t in enumerate(inputs):
+        if not isinstance(t, Tensor):
+            continue
+        if t.device != param.device:
+            raise ValueError(f"hfopt: input {k} is on {t.device}, the model's parameters on {param.device}")
+        if t.is_floating_point() and t.dtype != param.dtype:
+            raise ValueError(f"hfopt: input {k} has dtype {t.dtype}, the model's parameters {param.dtype}; convert "
+                             "one of them")
+
 
 class GGN(CurvatureOperator):
     """Generalized Gauss-Newton ``J^T H_out J`` of ``loss_fn(model(inputs), targets)``."""

@@ -78,10 +78,6 @@ class LevenbergMarquardt:
             return self._set(self.value * self.decrease)
         return self._set(self.value)
 
-    def fail(self) -> float:
-        """Record a rejected step: increase lambda and return the new value."""
-        return self._set(self.value * self.increase)
-
     def state_dict(self) -> dict[str, float]:
         return {key: float(val) for key, val in asdict(self).items()}
 

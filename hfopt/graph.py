@@ -56,9 +56,22 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if has_module_rule(m):
             return True
-        # Containers and custom blocks are traced through; a childless module
-        # without a rule stays whole for the fallback.
-        return len(m._modules) == 0 and not isinstance(m, nn.Sequential)
+        # Containers and custom blocks are traced through.  A childless module
+        # without a rule stays whole for the fallback if it is torch's own (its
+        # functional form would fall back all the same) or fx cannot trace it;
+        # a user's layer holding its own weight (``F.linear(x, self.weight)``)
+        # is traced into, so that its calls reach their rules.
+        if len(m._modules) or isinstance(m, nn.Sequential):
+            return False
+        return type(m).__module__.startswith("torch.") or not _traceable(m)
+
+
+def _traceable(m: nn.Module) -> bool:
+    try:
+        _Tracer().trace(m)
+    except Exception:  # data-dependent control flow and the like
+        return False
+    return True
 
 
 _INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,

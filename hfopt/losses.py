@@ -1,9 +1,9 @@
 """Loss functions seen from the model's output: value, gradient and Hessian.
 
 ``CrossEntropyLoss``, ``MSELoss`` and ``BCEWithLogitsLoss`` (reduction mean or
-sum) have closed-form output Hessians; any other callable ``loss(output,
-target)`` is served by autograd on the small graph from the output to the loss
-(the output Hessian only, never the network's).
+sum) have closed-form output gradients and Hessians; any other callable
+``loss(output, target)`` is served by autograd on the small graph from the
+output to the loss (the output's derivatives only, never the network's).
 
 Each curvature also samples ``s`` with ``E[s s^T] = H_out``: backpropagating it
 gives an unbiased, non-negative estimate of the Gauss-Newton diagonal.
@@ -26,6 +26,7 @@ class LossCurvature(ABC):
     def __init__(self, loss_fn: Callable, output: Tensor, target):
         self.loss_fn, self.output, self.target = loss_fn, output, target
         self._grad: Optional[Tensor] = None
+        self._check_target()
         with torch.no_grad():
             self.value = loss_fn(output, target)
         if not isinstance(self.value, Tensor) or self.value.numel() != 1:
@@ -34,12 +35,21 @@ class LossCurvature(ABC):
         self.value = self.value.reshape(())
 
     def grad(self) -> Tensor:
-        """dLoss/dOutput (first-order autograd on the loss alone)."""
+        """dLoss/dOutput, computed once."""
         if self._grad is None:
-            with torch.enable_grad():
-                z = self.output.detach().requires_grad_(True)
-                self._grad = torch.autograd.grad(self.loss_fn(z, self.target), z)[0]
+            self._grad = self._closed_grad()
         return self._grad
+
+    def _closed_grad(self) -> Tensor:
+        raise NotImplementedError  # losses without a closed form set ``_grad`` when built
+
+    def _check_target(self) -> None:
+        """Raise ``ValueError`` naming the problem for a target this loss cannot
+        take (before PyTorch's own, less specific error from the loss call)."""
+
+
+def _target_error(loss_fn, message: str) -> ValueError:
+    return ValueError(f"hfopt: {type(loss_fn).__name__} target: {message}")
 
     @abstractmethod
     def hvp(self, u: Tensor) -> Tensor:
@@ -58,37 +68,76 @@ def _reduction(loss_fn: nn.Module) -> str:
 
 
 class CrossEntropyCurvature(LossCurvature):
-    """Per position ``c_i (diag p_i - p_i p_i^T)`` with ``p_i = softmax(z_i)`` and
-    ``c_i`` the total weight the loss puts on that position's log-probabilities
-    (class weight, ignore mask, the mean's denominator)."""
+    """The loss is ``-sum(t * log_softmax(z))`` with per-class weights ``t``
+    (class weight, label smoothing, ignore mask, the mean's denominator), so per
+    position the gradient is ``c_i p_i - t_i`` and the Hessian ``c_i (diag p_i -
+    p_i p_i^T)``, with ``p_i = softmax(z_i)`` and ``c_i = sum(t_i)``."""
 
     def __init__(self, loss_fn: nn.CrossEntropyLoss, output: Tensor, target: Tensor):
         super().__init__(loss_fn, output, target)
         if output.dim() < 1:
             raise ValueError(f"hfopt: CrossEntropyLoss needs logits [N, C, ...], got shape {tuple(output.shape)}")
+        self.cdim = 1 if output.dim() > 1 else 0
+        # Not kept: the cache holds no more than autograd keeps for the same loss.
+        self.coef = self._weighted_targets().sum(self.cdim)
+
+    def _check_target(self) -> None:
+        z, t, loss_fn = self.output, self.target, self.loss_fn
+        if not isinstance(t, Tensor):
+            raise _target_error(loss_fn, f"must be a tensor, got {type(t).__name__}")
+        cdim = 1 if z.dim() > 1 else 0
+        if z.dim() < 1:
+            return  # reported with the logits' shape in __init__
+        C = z.shape[cdim]
+        if t.dtype.is_floating_point:
+            if t.shape != z.shape:
+                raise _target_error(loss_fn, f"floating-point targets are class probabilities and must have the "
+                                             f"output's shape {tuple(z.shape)}, got {tuple(t.shape)}; pass class "
+                                             "indices as an integer (long) tensor")
+            return
+        if t.dtype == torch.bool or t.is_complex():
+            raise _target_error(loss_fn, f"class indices must be an integer tensor, got {t.dtype}")
+        want = z.shape[:cdim] + z.shape[cdim + 1:]
+        if t.shape != want:
+            raise _target_error(loss_fn, f"class indices must have shape {tuple(want)} (the output {tuple(z.shape)} "
+                                         f"without its class dimension), got {tuple(t.shape)}")
+        used = t[t != loss_fn.ignore_index]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= C):
+            bad = int(used.min()) if int(used.min()) < 0 else int(used.max())
+            raise _target_error(loss_fn, f"class index {bad} is outside [0, {C}) for an output with {C} classes")
+
+    def _weighted_targets(self) -> Tensor:
+        """The weights ``t`` the loss puts on each log-probability, so that the
+        loss is ``-sum(t * log_softmax(z))``: class weight, label smoothing, the
+        ignore mask and the mean's denominator, as PyTorch combines them."""
+        loss_fn, output, target = self.loss_fn, self.output, self.target
         reduction = _reduction(loss_fn)
-        weight = loss_fn.weight
-        cdim = 1 if output.dim() > 1 else 0
-        self.cdim = cdim
+        weight, eps, cdim = loss_fn.weight, loss_fn.label_smoothing, self.cdim
+        C = output.shape[cdim]
+        wshape = [-1] + [1] * (output.dim() - cdim - 1)
         if target.dtype.is_floating_point:  # class probabilities
-            t = target
-            if loss_fn.label_smoothing > 0:
-                # PyTorch smooths probability targets before weighting them; the
-                # smoothed targets sum to (1 - eps) * sum(t) + eps, which is 1
-                # only when the given targets sum to one.
-                eps = loss_fn.label_smoothing
-                t = t * (1 - eps) + eps / output.shape[cdim]
+            # Smoothed before weighting; the mean divides by the number of positions.
+            t = target * (1 - eps) + eps / C if eps > 0 else target
             if weight is not None:
-                t = t * weight.view([-1] + [1] * (output.dim() - cdim - 1))
-            coef = t.sum(cdim)
-            den = output.numel() // output.shape[cdim]
-        else:
-            valid = target != loss_fn.ignore_index
-            safe = torch.where(valid, target, torch.zeros_like(target))
-            w = torch.ones_like(output.select(cdim, 0)) if weight is None else weight[safe].to(output.dtype)
-            coef = w * valid
-            den = coef.sum()
-        self.coef = coef / den if reduction == "mean" else coef
+                t = t * weight.view(wshape)
+            den = output.numel() // C
+            return t / den if reduction == "mean" else t
+        valid = target != loss_fn.ignore_index
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        onehot = F.one_hot(safe, C).to(output.dtype).movedim(-1, cdim)
+        w_target = torch.ones_like(output.select(cdim, 0)) if weight is None else weight[safe].to(output.dtype)
+        w_target = w_target * valid
+        t = onehot * ((1 - eps) * w_target).unsqueeze(cdim)
+        if eps > 0:
+            # The smoothing term weighs every class by its class weight, on valid positions.
+            w_all = torch.ones(C, dtype=output.dtype, device=output.device) if weight is None else weight
+            t = t + (eps / C) * w_all.to(output.dtype).view(wshape) * valid.unsqueeze(cdim).to(output.dtype)
+        # The mean divides by the summed target weights of the valid positions
+        # (their count without class weights), smoothing or not.
+        return t / w_target.sum() if reduction == "mean" else t
+
+    def _closed_grad(self) -> Tensor:
+        return self.coef.unsqueeze(self.cdim) * self.p - self._weighted_targets()
 
     @property
     def p(self) -> Tensor:
@@ -116,10 +165,13 @@ class MSECurvature(LossCurvature):
 
     def __init__(self, loss_fn: nn.MSELoss, output: Tensor, target: Tensor):
         super().__init__(loss_fn, output, target)
-        if target.shape != output.shape:
-            raise ValueError(f"hfopt: MSELoss target shape {tuple(target.shape)} must equal the output shape "
-                             f"{tuple(output.shape)}")
         self.scale = 2.0 / output.numel() if _reduction(loss_fn) == "mean" else 2.0
+
+    def _closed_grad(self) -> Tensor:
+        return (self.output - self.target) * self.scale
+
+    def _check_target(self) -> None:
+        _same_shape_target(self.loss_fn, self.output, self.target)
 
     def hvp(self, u: Tensor) -> Tensor:
         return u * self.scale
@@ -140,10 +192,21 @@ class BCEWithLogitsCurvature(LossCurvature):
         coef = torch.ones_like(output)
         if loss_fn.pos_weight is not None:
             coef = loss_fn.pos_weight * target + 1 - target
+        # d/dz of -w (pw y log s + (1 - y) log(1 - s)) is w ((pw y + 1 - y) s - pw y).
+        positive = target if loss_fn.pos_weight is None else loss_fn.pos_weight * target
+        weight = 1.0 if loss_fn.weight is None else loss_fn.weight
+        self._positive = torch.broadcast_to(positive * weight, output.shape) / den
         if loss_fn.weight is not None:
             coef = coef * loss_fn.weight
         self.coef = torch.broadcast_to(coef, output.shape) / den
         self.diag = self.coef * s * (1 - s)
+
+    def _closed_grad(self) -> Tensor:
+        return self.coef * self.s - self._positive
+
+    def _check_target(self) -> None:
+        _same_shape_target(self.loss_fn, self.output, self.target)
+
 
     def hvp(self, u: Tensor) -> Tensor:
         return self.diag * u
@@ -151,6 +214,14 @@ class BCEWithLogitsCurvature(LossCurvature):
     def sample_sqrt(self, generator=None) -> Tensor:
         y = torch.bernoulli(self.s, generator=generator)
         return (y - self.s) * self.coef.clamp_min(0).sqrt()
+
+
+def _same_shape_target(loss_fn, output: Tensor, target) -> None:
+    if not isinstance(target, Tensor) or not target.dtype.is_floating_point:
+        raise _target_error(loss_fn, "must be a floating-point tensor, got "
+                                     f"{target.dtype if isinstance(target, Tensor) else type(target).__name__}")
+    if target.shape != output.shape:
+        raise _target_error(loss_fn, f"shape {tuple(target.shape)} must equal the output shape {tuple(output.shape)}")
 
 
 class AutogradCurvature(LossCurvature):
@@ -215,9 +286,9 @@ def loss_curvature(loss_fn: Callable, output: Tensor, target) -> LossCurvature:
     """The :class:`LossCurvature` of ``loss_fn`` at ``output``."""
     if isinstance(loss_fn, GraphLoss):
         return GraphCurvature(loss_fn, output, target)
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)):
+        _reduction(loss_fn)  # before the loss runs: its 'none' output would read as a shape error
     if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if loss_fn.label_smoothing > 0 and loss_fn.weight is not None:
-            return AutogradCurvature(loss_fn, output, target)
         return CrossEntropyCurvature(loss_fn, output, target)
     if isinstance(loss_fn, nn.MSELoss):
         return MSECurvature(loss_fn, output, target)

@@ -15,9 +15,17 @@ One :meth:`HFOptimizer.step` (Martens 2010; Martens & Sutskever 2012):
 6. Armijo backtracking line search along the chosen iterate; if no step
    passes, the step is rejected and the parameters stay as they were.
 
-Trial evaluations (backtracking, rho, line search) rerun the closure without
-gradients; BatchNorm running statistics are restored afterwards, so after a
-step they are what the first, ordinary training forward made them.  No
+Trial evaluations (backtracking, rho, line search) run without gradients: the
+model and the loss module the first call revealed, on its inputs and targets,
+or the closure again where those are unknown (a functional loss).  BatchNorm
+running statistics are restored afterwards, so after a step they are what the
+first, ordinary training forward made them.
+
+The closure may return ``(loss, outputs)``, or, as for ``torch.optim.LBFGS``,
+call ``loss.backward()`` and return the loss; then the gradient is what that
+``backward()`` left in ``.grad``.  An exception anywhere in a step (a
+``KeyboardInterrupt`` in CG, in a trial evaluation, in the line search) leaves
+parameters, buffers, ``.grad`` and optimizer state as they were before it.  No
 curvature product is taken after a trial evaluation has moved the parameters:
 the predicted reduction comes from CG's own record of the quadratic.
 """
@@ -29,11 +37,12 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .cg import backtrack, cg
 from .curvature import GGN, CurvatureOperator, Hessian
 from .damping import LevenbergMarquardt, reduction_ratio
@@ -41,9 +50,10 @@ from .linesearch import armijo
 from .losses import GraphLoss
 from .summaries import log_step
 
-CLOSURE_CONTRACT = ("HFOptimizer.step(closure): the closure must run the model and return "
-                    "(loss, outputs), e.g. `outputs = model(x); return loss_fn(outputs, y), outputs`, "
-                    "without calling loss.backward()")
+CLOSURE_CONTRACT = ("HFOptimizer.step(closure): the closure must run the model and either return "
+                    "(loss, outputs) (`outputs = model(x); return loss_fn(outputs, y), outputs`), or, as for "
+                    "torch.optim.LBFGS, return the loss of a loss module called on the model's output "
+                    "(`opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss`)")
 
 DIAGNOSTICS = {
     "loss_before": "objective (loss + weight decay) at the start of the step",
@@ -66,10 +76,13 @@ DIAGNOSTICS = {
     "time_build": "seconds building the curvature operator",
     "time_products": "seconds in curvature-vector products (CG)",
     "time_preconditioner": "seconds estimating the curvature diagonal for the preconditioner",
-    "time_evaluations": "seconds of trial closure calls (CG backtracking, rho, line search)",
+    "time_evaluations": "seconds of trial evaluations (CG backtracking, rho, line search)",
     "time_other": "the rest of wall_time (bookkeeping, CG's vector arithmetic)",
-    "evaluations": "closure calls made in this step (the first included)",
+    "evaluations": "loss evaluations made in this step (the first closure call included)",
     "wall_time": "seconds for the whole step",
+    "time_communication": "seconds inside HF's all-reduces, waits for slower ranks included (already part of "
+                          "the stage times above; 0 in one process)",
+    "bytes_all_reduced": "bytes this rank put into HF's all-reduces in this step (0 in one process)",
     "accepted": "whether the parameters moved",
     "engine": "'rules' (per-layer rules) or 'autograd' (the fallback path); None if rejected before",
     "curvature_samples": "samples in the curvature mini-batch (None on the autograd path)",
@@ -83,7 +96,7 @@ def _new_diagnostics(lam: float) -> Dict[str, Any]:
     """Every documented key; what a step does not reach stays NaN (floats), 0
     (counts and times) or None."""
     diag: Dict[str, Any] = {k: math.nan for k in DIAGNOSTICS}
-    diag.update(evaluations=0, curvature_products=0, accepted=False, engine=None, cg_iterations=0,
+    diag.update(evaluations=0, curvature_products=0, bytes_all_reduced=0, time_communication=0.0, accepted=False, engine=None, cg_iterations=0,
                 cg_stop_reason=None, backtrack_iteration=None, curvature_samples=None, rejected=None, damping=lam)
     diag.update({k: 0.0 for k in _TIMES})
     return diag
@@ -103,6 +116,8 @@ class _Point:
     loss_module: Any
     targets: Any
     rejected: Optional[str]
+    backward_called: bool  # the closure ran loss.backward(): its graph may be gone
+    shard: distributed.Shard  # this rank's part of the global batch
 
 
 
@@ -200,6 +215,12 @@ class HFOptimizer(torch.optim.Optimizer):
             the step counter; a step rejected by the safety checks is logged
             under the number it would have had).
         seed: seed of the generator behind the preconditioner's sampling.
+        process_group: ``None`` (default): data-parallel over the default group
+            when ``torch.distributed`` is initialized with more than one rank;
+            a ``ProcessGroup``: over that group; ``False``: one process.
+            Data-parallel, each rank's closure runs on its own shard and the
+            step is that of the concatenated global batch (see
+            :mod:`hfopt.distributed`); every rank takes the same step.
     """
 
     def __init__(
@@ -228,6 +249,7 @@ class HFOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         writer: Any = None,
         seed: int = 0,
+        process_group: distributed.ProcessGroupArg = None,
     ):
         def number(x) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -280,6 +302,7 @@ class HFOptimizer(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):
             raise ValueError(f"writer must have an add_scalar method (a SummaryWriter), got {type(writer).__name__}")
+        self._dp = distributed.resolve(process_group)
         super().__init__(params, dict(weight_decay=weight_decay))
         self.options = dict(
             curvature=curvature, cg_max_iterations=cg_max_iterations, cg_eps=cg_eps, warm_start=warm_start,
@@ -302,7 +325,18 @@ class HFOptimizer(torch.optim.Optimizer):
         wd = param_group.get("weight_decay", 0.0) if isinstance(param_group, dict) else 0.0
         if not (isinstance(wd, (int, float)) and not isinstance(wd, bool) and math.isfinite(wd) and wd >= 0):
             raise ValueError(f"weight_decay of a param group must be a finite number >= 0, got {wd!r}")
+        k = len(self.param_groups)
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if not group["params"]:
+            self.param_groups.pop()
+            raise ValueError(f"param group {k} has no parameters")
+        for i, p in enumerate(group["params"]):
+            if p.dtype not in (torch.float32, torch.float64):
+                self.param_groups.pop()
+                raise TypeError(f"parameter {i} of param group {k} (shape {tuple(p.shape)}) is {p.dtype}; "
+                                "HFOptimizer needs float32 or float64 parameters: CG's dot products and the "
+                                "damping are meaningless in 8 bits of mantissa (convert with model.float())")
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> List[Tensor]:
@@ -342,63 +376,76 @@ class HFOptimizer(torch.optim.Optimizer):
         self.damping.value = float(hf["damping"])
         self._generator = None  # rebuilt from the saved state on the next step
 
-    def _snapshot(self):
-        """What a rejected step must leave as it was (damping aside)."""
+    def _snapshot(self, params: List[Tensor]):
+        """What a step that is not taken must leave as it was, besides
+        parameters and buffers: ``.grad``, the state, the generator, lambda."""
         gen = self._generator.get_state() if self._generator is not None else None
-        return copy.deepcopy(self.state["hf"]), gen
+        return copy.deepcopy(self.state["hf"]), gen, [p.grad for p in params], self.damping.value
 
-    def _roll_back(self, snapshot) -> None:
-        hf, gen = snapshot
+    def _roll_back(self, snapshot, params: List[Tensor]) -> None:
+        hf, gen, grads, lam = snapshot
         self.state["hf"] = hf
         if gen is None:
             self._generator = None
         else:
             self._generator.set_state(gen)
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        self.damping.value = lam
 
     # ------------------------------------------------------------------ step
-    def step(self, closure: Callable[[], Tuple[Tensor, Tensor]]) -> Tensor:  # type: ignore[override]
-        """One Hessian-free step; returns the loss before it."""
+    def step(self, closure: Callable[[], Union[Tensor, Tuple[Tensor, Tensor]]]) -> Tensor:  # type: ignore[override]
+        """One Hessian-free step; returns the loss before it.
+
+        ``closure`` runs the model on the batch and either returns ``(loss,
+        outputs)`` without calling ``backward()``, or, as for
+        ``torch.optim.LBFGS``, calls ``opt.zero_grad()`` and ``loss.backward()``
+        and returns the loss of a loss module called on the model's output."""
         if closure is None:
             raise TypeError(CLOSURE_CONTRACT)
         t_start = time.perf_counter()
         params, decay = self._params(), self._decay()
-        snapshot = self._snapshot()
+        if not params:
+            raise ValueError("HFOptimizer.step: no parameter has requires_grad=True; there is nothing to optimize")
+        snapshot = self._snapshot(params)
         lam = self.damping.value
         diag = _new_diagnostics(lam)
+        self._dp.begin_step()
 
         point = self._first_call(closure, params, decay, diag)
         if point.rejected is not None:
-            return self._reject(diag, point.rejected, point.loss, t_start, point.capture, snapshot)
+            return self._reject(diag, point.rejected, point.loss, t_start, point.capture, snapshot, params)
         theta0 = [p.detach().clone() for p in params]
         wd_flat = self._flat([torch.full_like(p, wd) for p, wd in zip(params, decay)]) if any(decay) else None
 
+        trial_loss = self._trial_loss(point, closure, params)
+
         def evaluate(d: Optional[Tensor]) -> float:
-            """Objective at theta0 + d by the closure, without gradients."""
+            """Objective at theta0 + d, without gradients."""
             t0 = time.perf_counter()
             self._set_params(params, theta0, d)
             with torch.no_grad():
-                val, _ = _unpack(closure())
+                val = self._dp.sum_loss(trial_loss, point.shard, point.g)
             diag["evaluations"] += 1
             diag["time_evaluations"] += time.perf_counter() - t0
-            return float(val) + _decay_term(params, decay)
+            return val + _decay_term(params, decay)
 
         try:
             B, precond, why = self._curvature(point, params, wd_flat, lam, diag)
             if why is not None:
-                return self._reject(diag, why, point.loss, t_start, point.capture, snapshot)
+                return self._reject(diag, why, point.loss, t_start, point.capture, snapshot, params)
             res = self._solve(B, precond, point.g, lam, params, diag)
             if res.stop_reason == "non_finite":
                 return self._reject(diag, "non-finite curvature product", point.loss, t_start, point.capture,
-                                    snapshot)
+                                    snapshot, params)
             # Trial evaluations move the parameters: no curvature product after this point.
             it, d, f_new = self._choose_iterate(res, evaluate, point.objective, lam)
             rho = self._update_damping(res, it, d, f_new, lam, point.objective, diag)
             alpha, f_final, why = self._accept(rho, d, f_new, point, evaluate, diag)
-        except BaseException:
+        except BaseException:  # KeyboardInterrupt included: the step never happened
             self._set_params(params, theta0, None)
-            _restore(point.buffers_after)
-            self._roll_back(snapshot)
-            self.damping.value = lam
+            _restore(point.capture.buffers_before)
+            self._roll_back(snapshot, params)
             raise
         accepted = why is None
         self._set_params(params, theta0, d * alpha if accepted else None)
@@ -415,33 +462,34 @@ class HFOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ stages of a step
     def _first_call(self, closure, params: List[Tensor], decay: List[float], diag: Dict[str, Any]) -> "_Point":
-        """Stage 1: the closure once, with gradients and hooks; ``p.grad`` is
-        cleared first so that a closure calling backward() itself is caught."""
+        """Stage 1: the closure once, with gradients and hooks.  ``p.grad`` is
+        cleared first, so that what a closure's own ``backward()`` leaves there
+        is this step's gradient; otherwise HF takes it from the returned loss."""
         t0 = time.perf_counter()
         capture = _Capture()
         saved_grads = [p.grad for p in params]
         for p in params:
             p.grad = None
         try:
-            with torch.enable_grad(), capture.active():
+            with torch.enable_grad(), capture.active(), distributed.ddp_gradient_sync_off():
                 result = closure()
             diag["evaluations"] += 1
-            raw_loss, outputs = _unpack(result)
-            if any(p.grad is not None for p in params):
-                raise TypeError(f"{CLOSURE_CONTRACT}; this closure called backward() itself, but "
-                                "HFOptimizer takes the gradient and the curvature from what it returns")
-            loss = raw_loss.reshape(())
-            model, inputs, loss_module, targets = _find_model(capture, raw_loss, outputs)
-            try:
-                grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            except RuntimeError as exc:
-                raise TypeError(f"{CLOSURE_CONTRACT} ({exc})") from None
-        except BaseException:
+            backward_called = any(p.grad is not None for p in params)
+            loss, outputs, found = _read_closure(result, capture, backward_called)
+            shard = self._dp.shard(outputs, found[2])
+            # Data-parallel: the gradient of this rank's share of the global loss.
+            grads = _loss_gradient(shard.scaled(loss), params, backward_called)
+            if backward_called:  # backward() ran on the unscaled loss
+                grads = shard.scaled_gradient(grads)
+            value, grads, shard = self._dp.sum_loss_and_gradient(loss, grads, params, shard)
+        except BaseException as exc:
             for p, gr in zip(params, saved_grads):
                 p.grad = gr
             _restore(capture.buffers_before)
+            self._dp.share_failure(exc, self._dp.gradient_size(params), params[0].detach())
             raise
-        objective = float(loss.detach()) + _decay_term(params, decay)
+        loss = loss.reshape(())
+        objective = value + _decay_term(params, decay)
         diag["loss_before"] = objective
         g = self._flat([torch.zeros_like(p) if gi is None else gi.detach() + wd * p.detach()
                         for p, gi, wd in zip(params, grads, decay)])
@@ -449,9 +497,22 @@ class HFOptimizer(torch.optim.Optimizer):
             p.grad = None if gi is None else gi.detach().clone()
         finite = math.isfinite(objective) and bool(torch.isfinite(g).all())
         diag["time_gradient"] = time.perf_counter() - t0
+        model, inputs, loss_module, targets = found
         return _Point(loss=loss, outputs=outputs, objective=objective, g=g, capture=capture,
                       buffers_after=capture.buffers_now(), model=model, inputs=inputs, loss_module=loss_module,
-                      targets=targets, rejected=None if finite else "non-finite loss or gradient")
+                      targets=targets, rejected=None if finite else "non-finite loss or gradient",
+                      backward_called=backward_called, shard=shard)
+
+    @staticmethod
+    def _trial_loss(point: "_Point", closure, params: List[Tensor]) -> Callable[[], Tensor]:
+        """The loss at the current parameters, for trial evaluations.  With the
+        loss module known and a model holding all the optimized parameters,
+        their own forward on the captured inputs: cheaper than the closure, and a closure that calls backward()
+        could not run under no_grad.  Otherwise the closure again."""
+        if point.loss_module is not None and not _unfollowable(point.model, point.inputs, params):
+            model, loss_module, inputs, targets = point.model, point.loss_module, point.inputs, point.targets
+            return lambda: loss_module(model(*inputs), targets)
+        return lambda: _unpack(closure())[0]
 
     def _curvature(self, point: "_Point", params: List[Tensor], wd_flat: Optional[Tensor], lam: float,
                    diag: Dict[str, Any]):
@@ -463,12 +524,17 @@ class HFOptimizer(torch.optim.Optimizer):
                                                  point.loss, point.outputs, params)
             matvec_raw: Any = op
         except _EngineUnavailable as why:
+            if point.backward_called:
+                raise TypeError(f"{CLOSURE_CONTRACT}; the curvature engine cannot follow this model ({why}), and "
+                                "the autograd path needs the closure's graph, which loss.backward() frees: return "
+                                "(loss, outputs) without calling backward()") from None
             engine, samples = "autograd", None
             if not self._warned_autograd:
                 warnings.warn(f"hfopt: the curvature engine cannot follow this model ({why}); using the "
                               "autograd path (exact, slower)", stacklevel=4)
                 self._warned_autograd = True
-            matvec_raw = _AutogradCurvature(point.loss, point.outputs, params, self.options["curvature"])
+            matvec_raw = self._dp.summed_operator(
+                _AutogradCurvature(point.loss, point.outputs, params, self.options["curvature"]), point.shard)
         diag.update(engine=engine, curvature_samples=samples)
         diag["time_build"] = time.perf_counter() - t0
 
@@ -565,14 +631,9 @@ class HFOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ pieces
     def _operator(self, model, inputs, loss_module, targets, loss, outputs, params):
-        if model is None:
-            raise _EngineUnavailable("no module call of the closure returned the outputs")
-        own = {id(p) for p in model.parameters()}
-        if any(id(p) not in own for p in params):
-            raise _EngineUnavailable("some optimized parameters are not in the model the closure ran")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if len(trainable) != len(params) or {id(p) for p in trainable} != {id(p) for p in params}:
-            raise _EngineUnavailable("the optimizer must hold exactly the model's trainable parameters")
+        why = _unfollowable(model, inputs, params)
+        if why:
+            raise _EngineUnavailable(why)
         cls = Hessian if self.options["curvature"] == "hessian" else GGN
         if loss_module is None:
             # A functional loss (or more than the loss module's output): the output
@@ -585,8 +646,12 @@ class HFOptimizer(torch.optim.Optimizer):
         samples = cur_inputs[0].shape[0] if cur_inputs and isinstance(cur_inputs[0], Tensor) \
             and cur_inputs[0].dim() > 0 else None
         try:
-            op = cls(model, loss_fn, cur_inputs, cur_targets)
+            # Data-parallel: the operator of the global curvature batch (one process: called as before).
+            spread = {} if self._dp.group is None else {"process_group": self._dp}
+            op = cls(model, loss_fn, cur_inputs, cur_targets, **spread)
         except (TypeError, ValueError, RuntimeError) as exc:  # a RuntimeError covers not-implemented ops too
+            if distributed.partial_failure(exc):  # other ranks built theirs: every rank abandons the step
+                raise
             raise _EngineUnavailable(f"{type(exc).__name__}: {exc}") from None
         return _Reordered(op, params), "rules", samples
 
@@ -631,16 +696,20 @@ class HFOptimizer(torch.optim.Optimizer):
                 else:
                     p.copy_(t + d[k:k + p.numel()].view_as(p).to(p.dtype))
                 k += p.numel()
+        # Inside torch.autocast the low-precision copies of the parameters are
+        # cached until the region ends, and an in-place update does not
+        # invalidate them: trial evaluations would see the old weights.
+        torch.clear_autocast_cache()
 
-    def _reject(self, diag, reason, loss, t_start, capture: _Capture, snapshot) -> Tensor:
-        """Safety rejection: parameters, buffers and state as before the step
-        (the parameters have not moved yet), except that the damping rises."""
-        warnings.warn(f"hfopt: step rejected ({reason}); parameters, buffers and state are unchanged, "
-                      "damping rises", stacklevel=4)
+    def _reject(self, diag, reason, loss, t_start, capture: _Capture, snapshot, params: List[Tensor]) -> Tensor:
+        """Safety rejection (a non-finite loss, gradient, curvature product or
+        preconditioner): parameters, buffers, ``.grad`` and state as before the
+        step, lambda included.  The cause is the batch or the point, not the
+        step's length, so a larger lambda would not help."""
+        warnings.warn(f"hfopt: step rejected ({reason}); parameters, buffers, .grad and optimizer state are "
+                      "unchanged", stacklevel=4)
         _restore(capture.buffers_before)
-        self._roll_back(snapshot)
-        self.damping.fail()
-        self.state["hf"]["damping"] = self.damping.value
+        self._roll_back(snapshot, params)
         diag.update(accepted=False, rejected=reason, loss_after=diag["loss_before"],
                     line_search_step=0.0, step_norm=0.0, damping_next=self.damping.value)
         # Logged as the step it would have been (the counter does not move).
@@ -651,6 +720,7 @@ class HFOptimizer(torch.optim.Optimizer):
         diag["wall_time"] = time.perf_counter() - t_start
         diag["curvature_time"] = diag["time_build"] + diag["time_products"] + diag["time_preconditioner"]
         diag["time_other"] = max(0.0, diag["wall_time"] - sum(diag[k] for k in _TIMES))
+        diag.update(self._dp.step_counters())
         self.last_step = diag
         if self.writer is not None:
             log_step(self.writer, diag, global_step)
@@ -677,6 +747,48 @@ def _unpack(result) -> Tuple[Tensor, Tensor]:
     return loss, outputs
 
 
+def _read_closure(result, capture: _Capture, backward_called: bool):
+    """``(loss, outputs, (model, inputs, loss module, targets))`` from what the
+    closure returned and the module calls it made."""
+    if isinstance(result, Tensor):  # the torch.optim form: the loss alone
+        if result.numel() != 1:
+            raise TypeError(f"{CLOSURE_CONTRACT}; the loss has shape {tuple(result.shape)}, not a scalar")
+        loss = result
+        model, inputs, loss_module, targets, outputs = _find_model_from_loss(capture, loss)
+        if loss_module is None or model is None:
+            what = "no loss module returned it" if loss_module is None else \
+                "no module call of the closure produced the loss module's input"
+            raise TypeError(f"{CLOSURE_CONTRACT}; this closure returned only the loss, but {what}: compute it "
+                            "as `loss_fn(model(x), y)` with a loss module such as nn.CrossEntropyLoss(), or "
+                            "return (loss, outputs) without calling backward()")
+        return loss, outputs, (model, inputs, loss_module, targets)
+    loss, outputs = _unpack(result)
+    found = _find_model(capture, loss, outputs)
+    if backward_called and found[2] is None:
+        raise TypeError(f"{CLOSURE_CONTRACT}; this closure called backward() on a loss computed without a loss "
+                        "module, whose graph HF needs for the output Hessian and backward() frees: return "
+                        "(loss, outputs) without calling backward(), or use a loss module")
+    return loss, outputs, found
+
+
+def _loss_gradient(loss: Tensor, params: List[Tensor], backward_called: bool) -> List[Optional[Tensor]]:
+    """What the closure's ``backward()`` left in ``.grad``, or the gradient of
+    the returned loss."""
+    if backward_called:
+        return [p.grad for p in params]
+    unrelated = TypeError(f"{CLOSURE_CONTRACT}; the loss it returned does not depend on any optimized "
+                          "parameter (computed under torch.no_grad(), detached, or from another model?)")
+    if not loss.requires_grad:
+        raise unrelated
+    try:
+        grads = list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+    except RuntimeError as exc:
+        raise TypeError(f"{CLOSURE_CONTRACT} ({exc})") from None
+    if all(g is None for g in grads):
+        raise unrelated
+    return grads
+
+
 def _find_model(capture: _Capture, loss: Tensor, outputs: Tensor):
     """The outermost module call that returned ``outputs``, and the loss module
     called on them, if the closure returned that module's output unchanged."""
@@ -687,6 +799,33 @@ def _find_model(capture: _Capture, loss: Tensor, outputs: Tensor):
         elif model is not None and len(args) == 2 and args[0] is outputs and out is loss:
             loss_module, targets = module, args[1]
     return model, inputs, loss_module, targets
+
+
+def _find_model_from_loss(capture: _Capture, loss: Tensor):
+    """For a closure that returned the loss alone: the loss module call that
+    produced it, and the model call whose output that loss module received."""
+    for module, args, out in capture.calls:
+        if out is loss and len(args) == 2 and isinstance(args[0], Tensor):
+            outputs = args[0]
+            model, inputs, _, _ = _find_model(capture, loss, outputs)
+            return model, inputs, module, args[1], outputs
+    return None, None, None, None, None
+
+
+def _unfollowable(model: Optional[nn.Module], inputs, params: List[Tensor]) -> str:
+    """Why ``model(*inputs)`` alone does not determine the loss as a function of
+    ``params`` ('' if it does)."""
+    if model is None:
+        return "no module call of the closure returned the outputs"
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for p in params):
+        return "some optimized parameters are not in the model the closure ran"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if len(trainable) != len(params) or {id(p) for p in trainable} != {id(p) for p in params}:
+        return "the optimizer must hold exactly the model's trainable parameters"
+    if any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+        return "the model's inputs depend on the optimized parameters"
+    return ""
 
 
 def _decay_term(params: List[Tensor], decay: List[float]) -> float:

@@ -14,13 +14,15 @@ from torch import nn
 
 from .convnets import allcnnc_bn, c3d3_bn, digits_convnet_bn
 from .mlp import mlp_bn
-from .resnet import BasicBlock, CifarResNet, resnet8_bn, resnet20_bn
+from .resnet import BasicBlock, CifarResNet, WideBlock, WideResNet, resnet8_bn, resnet18_bn, resnet20_bn, wrn16_4_bn
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "c3d3_bn": c3d3_bn,
     "allcnnc_bn": allcnnc_bn,
     "resnet8_bn": resnet8_bn,
     "resnet20_bn": resnet20_bn,
+    "resnet18_bn": resnet18_bn,
+    "wrn16_4_bn": wrn16_4_bn,
     "digits_convnet_bn": digits_convnet_bn,
     "mlp_bn": mlp_bn,
 }
@@ -32,6 +34,8 @@ DEFAULT_INPUT: dict[str, tuple[int, int, int]] = {
     "allcnnc_bn": (3, 32, 32),
     "resnet8_bn": (3, 32, 32),
     "resnet20_bn": (3, 32, 32),
+    "resnet18_bn": (3, 32, 32),
+    "wrn16_4_bn": (3, 32, 32),
     "digits_convnet_bn": (1, 8, 8),
     "mlp_bn": (1, 8, 8),
 }
@@ -54,6 +58,10 @@ __all__ = [
     "c3d3_bn",
     "digits_convnet_bn",
     "mlp_bn",
+    "resnet18_bn",
     "resnet20_bn",
     "resnet8_bn",
+    "WideBlock",
+    "WideResNet",
+    "wrn16_4_bn",
 ]

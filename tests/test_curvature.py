@@ -114,6 +114,9 @@ PROJECT_INPUTS = {
     "resnet20_bn": (3, 3, 8, 8),
     "allcnnc_bn": (3, 3, 12, 12),
     "c3d3_bn": (3, 3, 32, 32),
+    # The big ones at the smallest resolution their stages take: exactness is about the rules.
+    "resnet18_bn": (4, 3, 8, 8),
+    "wrn16_4_bn": (2, 3, 8, 8),
 }
 SMALL_PROJECT = {"mlp_bn", "digits_convnet_bn", "resnet8_bn"}
 

@@ -54,12 +54,6 @@ def test_levenberg_marquardt_rule(rho, factor):
     assert damping.value == new
 
 
-def test_levenberg_marquardt_fail_increases():
-    damping = LevenbergMarquardt(value=4.0)
-    assert damping.fail() == pytest.approx(6.0)
-    assert damping.fail() == pytest.approx(9.0)
-
-
 def test_levenberg_marquardt_clamps():
     damping = LevenbergMarquardt(value=1.0, minimum=0.5, maximum=2.0)
     assert damping.update(1.0) == pytest.approx(2 / 3)
@@ -69,7 +63,6 @@ def test_levenberg_marquardt_clamps():
     assert damping.update(0.0) == pytest.approx(1.125)
     assert damping.update(0.0) == pytest.approx(1.6875)
     assert damping.update(0.0) == 2.0
-    assert damping.fail() == 2.0
     assert damping.update(math.nan) == 2.0
 
 

@@ -281,7 +281,8 @@ def test_compare_quick_writes_outputs(tmp_path):
     grid = {p.name for p in (tmp_path / "runs-grid").iterdir()}
     assert {"sgd-lr0.1", "sgd-lr0.03", "adam-lr0.001"} <= grid
     first = [e.value for e in events(tmp_path / "runs-grid" / "sgd-lr0.1").Scalars("train/lr")][:5]
-    assert first == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # the grid warms up too
+    # The grid warms up too.  Its runs have a time budget: on a loaded machine they may end sooner.
+    assert len(first) >= 2 and first == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1][:len(first)])
 
     # One Custom Scalars layout in runs/ itself; every chart's regex (matched the
     # plugin's way, re.match) picks out a tag in every compared run.

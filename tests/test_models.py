@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import DEFAULT_INPUT, MODELS, BasicBlock, CifarResNet, build_model, resnet8_bn, resnet20_bn
+from models import (DEFAULT_INPUT, MODELS, BasicBlock, CifarResNet, WideBlock, WideResNet, build_model, resnet8_bn,
+                    resnet18_bn, resnet20_bn, wrn16_4_bn)
 
 # Layer types for which hfopt's curvature engine has exact rules.
 ALLOWED_MODULES = (
@@ -19,7 +20,7 @@ ALLOWED_MODULES = (
     nn.Sequential,
 )
 # Containers whose forward() uses only F.relu, torch.flatten and residual additions.
-CUSTOM_CONTAINERS = (BasicBlock, CifarResNet)
+CUSTOM_CONTAINERS = (BasicBlock, CifarResNet, WideBlock, WideResNet)
 
 BATCH = 3
 
@@ -29,7 +30,8 @@ def _input(name: str, batch: int = BATCH) -> torch.Tensor:
 
 
 def test_registry_lists_every_model():
-    expected = {"c3d3_bn", "allcnnc_bn", "resnet8_bn", "resnet20_bn", "digits_convnet_bn", "mlp_bn"}
+    expected = {"c3d3_bn", "allcnnc_bn", "resnet8_bn", "resnet20_bn", "resnet18_bn", "wrn16_4_bn",
+                "digits_convnet_bn", "mlp_bn"}
     assert set(MODELS) == expected
     assert set(DEFAULT_INPUT) == set(MODELS)
     with pytest.raises(ValueError, match="unknown model"):
@@ -81,3 +83,25 @@ def test_resnet_structure(factory, blocks, params):
     projections = [m for m in model.modules() if isinstance(m, BasicBlock) and len(m.shortcut) > 0]
     assert projections == [model.layer2[0], model.layer3[0]]
     assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_resnet18_structure():
+    model = resnet18_bn()
+    stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+    assert [len(s) for s in stages] == [2, 2, 2, 2]
+    assert [s[0].conv1.out_channels for s in stages] == [64, 128, 256, 512]
+    assert 11.1e6 < sum(p.numel() for p in model.parameters()) < 11.2e6  # the CIFAR ResNet-18's 11.17M
+    projections = [m for m in model.modules() if isinstance(m, BasicBlock) and len(m.shortcut) > 0]
+    assert projections == [model.layer2[0], model.layer3[0], model.layer4[0]]
+
+
+def test_wide_resnet_structure():
+    model = wrn16_4_bn()
+    blocks = [m for m in model.modules() if isinstance(m, WideBlock)]
+    assert len(blocks) == 6 and [b.conv1.out_channels for b in blocks] == [64, 64, 128, 128, 256, 256]
+    assert [b.project is not None for b in blocks] == [True, False, True, False, True, False]
+    assert 2.7e6 < sum(p.numel() for p in model.parameters()) < 2.8e6  # WRN-16-4's 2.75M
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        WideResNet(depth=15)
+    with pytest.raises(ValueError, match="blocks"):
+        CifarResNet((1, 2))

@@ -8,10 +8,10 @@ torch.func, slower).
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .activations import activation_rule, module_activation
@@ -21,13 +21,17 @@ from .conv import ConvRule
 from .fallback import FallbackRule, call_function, module_function
 from .linear import LinearRule
 from .pooling import AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule, module_pooling
-from .shape import CatRule, DropoutRule, LinearMapRule, ReshapeRule, arithmetic_rule, substitute
+from .functional import ParamsAsInputs, functional_layer_rule
+from .shape import (CatRule, DivRule, DropoutRule, IndexRule, PermuteRule, ReduceRule, ReshapeRule, ScaleRule,
+                    arithmetic_rule, substitute)
+from .syncbatchnorm import SyncBatchNormRule, sync_batchnorm_rule
 
 __all__ = [
     "Rule", "Input", "module_rule", "function_rule", "is_metadata_query", "fallback_module_rule",
     "fallback_function_rule",
-    "BatchNormRule", "ConvRule", "LinearRule", "MaxPoolRule", "AvgPoolRule", "AdaptiveAvgPoolRule",
-    "ReshapeRule", "DropoutRule", "LinearMapRule", "CatRule", "FallbackRule",
+    "BatchNormRule", "SyncBatchNormRule", "ConvRule", "LinearRule", "MaxPoolRule", "AvgPoolRule",
+    "AdaptiveAvgPoolRule", "ReshapeRule", "DropoutRule", "PermuteRule", "ReduceRule", "IndexRule", "ScaleRule", "DivRule", "CatRule",
+    "ParamsAsInputs", "FallbackRule",
 ]
 
 
@@ -39,6 +43,8 @@ def module_rule(module: nn.Module) -> Optional[Rule]:
         return ConvRule.from_module(module)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
         return BatchNormRule.from_module(module)
+    if isinstance(module, nn.SyncBatchNorm):
+        return sync_batchnorm_rule(module)
     if isinstance(module, nn.Flatten):
         start, end = module.start_dim, module.end_dim
         return ReshapeRule(lambda x: x.flatten(start, end))
@@ -74,12 +80,16 @@ _ACTIVATIONS = {
     torch.tanh: "tanh", F.tanh: "tanh", torch.Tensor.tanh: "tanh",
     F.silu: "silu", F.gelu: "gelu", F.leaky_relu: "leaky_relu", F.elu: "elu",
 }
+# Maps that only change the shape, squeeze/unsqueeze included: the transpose reshapes back.
 _RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.reshape, torch.Tensor.reshape, torch.Tensor.view,
-             torch.Tensor.contiguous}
-_LINEAR_MAPS = {torch.Tensor.permute, torch.permute, torch.transpose, torch.Tensor.transpose, torch.squeeze,
-                torch.Tensor.squeeze, torch.unsqueeze, torch.Tensor.unsqueeze, torch.mean, torch.Tensor.mean,
-                torch.sum, torch.Tensor.sum, operator.getitem, operator.neg, torch.neg, torch.Tensor.neg,
-                operator.truediv}
+             torch.Tensor.contiguous, torch.squeeze, torch.Tensor.squeeze, torch.unsqueeze, torch.Tensor.unsqueeze}
+_PERMUTES = {torch.Tensor.permute, torch.permute}
+_TRANSPOSES = {torch.transpose, torch.Tensor.transpose}
+_MOVEDIMS = {torch.movedim, torch.Tensor.movedim, torch.moveaxis, torch.Tensor.moveaxis}
+_REDUCTIONS = {torch.mean: True, torch.Tensor.mean: True, torch.sum: False, torch.Tensor.sum: False}
+_NEGATIONS = {operator.neg, torch.neg, torch.Tensor.neg, torch.Tensor.__neg__}
+_DIVISIONS = {operator.truediv, operator.itruediv, torch.div, torch.Tensor.div, torch.Tensor.div_,
+              torch.true_divide, torch.Tensor.__truediv__}
 _POOLS = {
     F.max_pool1d: (MaxPoolRule, 1), F.max_pool2d: (MaxPoolRule, 2),
     torch.max_pool1d: (MaxPoolRule, 1), torch.max_pool2d: (MaxPoolRule, 2),
@@ -112,14 +122,19 @@ def _single_input(args: tuple) -> bool:
         isinstance(a, Input) for a in torch.utils._pytree.tree_leaves(args[1:]))
 
 
-def function_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rule]:
+def function_rule(target: Callable, args: tuple, kwargs: dict, values: Sequence[Tensor] = (),
+                  active: Sequence[bool] = ()) -> Optional[Rule]:
     """The closed-form rule for a functional call ``target(*args, **kwargs)``
-    (tensors already replaced by :class:`Input` markers), or None."""
+    (tensors already replaced by :class:`Input` markers; ``values`` and
+    ``active`` are those tensors and whether each carries a direction), or None."""
     try:
         kind = _ACTIVATIONS.get(target)
         pool = _POOLS.get(target)
     except TypeError:  # unhashable target
         return None
+    rule = functional_layer_rule(target, args, kwargs, values, active) or _glue_rule(target, args, kwargs)
+    if rule is not None:
+        return rule
     kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # rules never write in place
     if kind is not None and _single_input(args):
         # F.leaky_relu(x, 0.2) / F.elu(x, 1.0) pass their constant positionally.
@@ -143,10 +158,60 @@ def function_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rule]
         p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
         training = args[2] if len(args) > 2 else kwargs.get("training", True)
         return DropoutRule(p) if training and p > 0 else ReshapeRule()
-    rule = arithmetic_rule(target, args, kwargs)
-    if rule is not None:
-        return rule
-    if target in _LINEAR_MAPS and _single_input(args):
-        rest, kw = args[1:], kwargs
-        return LinearMapRule(lambda x: target(x, *rest, **kw))
+    return arithmetic_rule(target, args, kwargs)
+
+
+def _glue_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rule]:
+    """Closed forms of the linear glue: permute/transpose, sum/mean, indexing,
+    negation and division."""
+    if target is operator.getitem and len(args) == 2 and isinstance(args[0], Input) and not kwargs:
+        return IndexRule(args[1])
+    if target in _DIVISIONS and len(args) == 2 and not (set(kwargs) - {"rounding_mode"}) \
+            and kwargs.get("rounding_mode") is None:
+        a, b = args
+        if isinstance(b, (int, float)) and not isinstance(b, bool) and isinstance(a, Input):
+            return ScaleRule(divisor=b)
+        return DivRule(a, b)
+    if not _single_input(args):
+        return None
+    rest = args[1:]
+    if target in _NEGATIONS and not rest and not kwargs:
+        return ScaleRule(-1.0)
+    if target in _PERMUTES:
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else kwargs.get("dims", rest)
+        return PermuteRule(dims=tuple(dims)) if all(isinstance(d, int) for d in dims) else None
+    if target in _TRANSPOSES:
+        bound = _bind_dims(rest, kwargs, ("dim0", "dim1"))
+        return PermuteRule(swap=bound) if bound is not None and all(isinstance(d, int) for d in bound) else None
+    if target in _MOVEDIMS:
+        bound = _bind_dims(rest, kwargs, ("source", "destination"))
+        return PermuteRule(move=bound) if bound is not None else None
+    if target in _REDUCTIONS:
+        return _reduce_rule(_REDUCTIONS[target], rest, kwargs)
     return None
+
+
+def _bind_dims(rest: tuple, kwargs: dict, names: Tuple[str, ...]) -> Optional[tuple]:
+    values = dict(zip(names, rest))
+    for k, v in kwargs.items():
+        if k not in names or k in values:
+            return None
+        values[k] = v
+    return tuple(values[n] for n in names) if len(values) == len(names) else None
+
+
+def _reduce_rule(mean: bool, rest: tuple, kwargs: dict) -> Optional[Rule]:
+    names = ("dim", "keepdim")
+    if len(rest) > 2 or set(kwargs) - {"dim", "keepdim", "dtype"}:
+        return None
+    given = dict(zip(names, rest))
+    if any(k in given for k in kwargs):
+        return None
+    given.update(kwargs)
+    dim = given.get("dim")
+    dims = None if dim is None else (tuple(dim) if isinstance(dim, (tuple, list)) else (dim,))
+    if dims is not None and not all(isinstance(d, int) for d in dims):
+        return None  # named dimensions
+    if dims == ():  # torch reads an empty dim list as "all dimensions"
+        dims = None
+    return ReduceRule(mean, dims, bool(given.get("keepdim", False)), given.get("dtype"))

@@ -76,7 +76,7 @@ class BatchNormRule(Rule):
 
     def _sums(self, t: Tensor, u: Tensor):
         """``<t u>`` and ``<t>`` per channel."""
-        if use_kernels(t):
+        if self._kernels(t):
             tu, tt = channel_sums([(t, u), (t, None)]) / self.m
             return tu, tt
         _, tu, tt = self._bn_backward(t, u, None, (False, True, True))
@@ -89,7 +89,7 @@ class BatchNormRule(Rule):
 
     def _affine(self, out: Optional[Tensor], terms, const: Optional[Tensor]) -> Tensor:
         """``out + sum coef_c * tensor + const_c``, accumulating in place."""
-        if terms and use_kernels(terms[0][0]):  # one pass over all terms, in place into out
+        if terms and self._kernels(terms[0][0]):  # one pass over all terms, in place into out
             return channel_affine(list(terms) if out is None else [(out, self._ones())] + list(terms), const, out=out)
         for t, c in terms:
             if out is None:
@@ -101,7 +101,25 @@ class BatchNormRule(Rule):
                 else out.add_(self._c(const))
         return out
 
+    def _kernels(self, t: Tensor) -> bool:
+        """Whether the fused Triton kernels serve ``t`` (their reductions are local
+        to this process: a cross-rank subclass turns them off)."""
+        return use_kernels(t)
+
     # -- forward -------------------------------------------------------------------------
+    def _normalize(self, x: Tensor, beta: Optional[Tensor]):
+        """``xh`` (and ``y`` where one pass gives both, else None); sets ``invstd``."""
+        if self._kernels(x):  # statistics, then xh and y in one pass over x
+            mean, var = channel_moments(x) if self.batch_stats else (self.running_mean, self.running_var)
+            self.invstd = torch.rsqrt(var + self.eps)
+            return channel_normalize(x, mean, self.invstd, self.gamma, beta)
+        if self.batch_stats:
+            # ATen's fused batch norm without affine: xh, and the invstd it used.
+            xh, _, self.invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+            return xh, None
+        self.invstd = torch.rsqrt(self.running_var + self.eps)
+        return (x - self._c(self.running_mean)) * self._c(self.invstd), None
+
     def forward(self, inputs: Sequence[Tensor], params: Mapping[str, Optional[Tensor]]) -> Tensor:
         x = inputs[0]
         if x.dim() < 2:
@@ -116,17 +134,7 @@ class BatchNormRule(Rule):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
         self.gamma = params.get("weight")
         beta = params.get("bias")
-        y = None
-        if use_kernels(x):  # statistics, then xh and y in one pass over x
-            mean, var = channel_moments(x) if self.batch_stats else (self.running_mean, self.running_var)
-            self.invstd = torch.rsqrt(var + self.eps)
-            xh, y = channel_normalize(x, mean, self.invstd, self.gamma, beta)
-        elif self.batch_stats:
-            # ATen's fused batch norm without affine: xh, and the invstd it used.
-            xh, _, self.invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
-        else:
-            self.invstd = torch.rsqrt(self.running_var + self.eps)
-            xh = (x - self._c(self.running_mean)) * self._c(self.invstd)
+        xh, y = self._normalize(x, beta)
         self._dx = None
         # Eval mode needs xh only for gamma's products; train mode always.
         self.xh = xh if (self.batch_stats or "weight" in self.trainable) else None
@@ -229,7 +237,7 @@ class BatchNormRule(Rule):
         gp = {}
         out = None
         terms = []
-        if h is not None and self.batch_stats and need_inputs[0] and use_kernels(h):
+        if h is not None and self.batch_stats and need_inputs[0] and self._kernels(h):
             # J^T h = A h + (-A <xh h>) xh - A <h>: folded into the residual's single pass.
             hsx, hs = channel_sums([(self.xh, h), (h, None)])
             gp = {k: v for k, v in (("weight", hsx), ("bias", hs)) if k in need_params}

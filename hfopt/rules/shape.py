@@ -7,7 +7,7 @@ products, concatenation and other maps that are linear in their tensor input.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -64,29 +64,197 @@ class DropoutRule(Rule):
         return [g * self.mask if need_inputs[0] else None], {}
 
 
-class LinearMapRule(Rule):
-    """Any map linear in its one tensor input (permute, slicing, mean, pad with
-    zeros, ...): the JVP applies the map to the direction, the transposed product
-    is the first-order VJP of the map, taken once and reused."""
+class PermuteRule(Rule):
+    """``permute``/``transpose``/``movedim``: the transposed product is the inverse permutation."""
 
-    def __init__(self, fn: Callable[[Tensor], Tensor]):
-        self.fn = fn
+    def __init__(self, dims: Optional[Sequence[int]] = None, swap: Optional[Tuple[int, int]] = None,
+                 move: Optional[Tuple[Any, Any]] = None):
+        self.dims, self.swap, self.move = dims, swap, move
 
     def forward(self, inputs, params) -> Tensor:
-        self.x = inputs[0]
-        self._vjp = None
-        return self.fn(inputs[0])
+        x = inputs[0]
+        if self.swap is not None:
+            return x.transpose(*self.swap)
+        n = x.dim()
+        if self.move is not None:
+            # The permutation movedim makes, read off a meta tensor with distinct sizes.
+            probe = torch.empty(tuple(range(2, n + 2)), device="meta").movedim(*self.move)
+            self.dims = [size - 2 for size in probe.shape]
+        self.inverse = [0] * n
+        for i, d in enumerate(self.dims):
+            self.inverse[d % n] = i
+        return x.permute(self.dims)
+
+    def _apply(self, t: Tensor, inverse: bool) -> Tensor:
+        if self.swap is not None:
+            return t.transpose(*self.swap)
+        return t.permute(self.inverse if inverse else self.dims)
 
     def jvp(self, din, dparams) -> Tensor:
-        return self.fn(din[0])
+        return self._apply(din[0], inverse=False)
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        return [self._apply(g, inverse=True) if need_inputs[0] else None], {}
+
+
+class ReduceRule(Rule):
+    """``sum``/``mean`` over some dimensions (all when ``dims`` is None): the
+    transposed product broadcasts the cotangent back, divided by the count for a
+    mean."""
+
+    def __init__(self, mean: bool, dims: Optional[Sequence[int]], keepdim: bool, dtype: Optional[torch.dtype]):
+        self.mean, self.dims, self.keepdim, self.dtype = mean, dims, keepdim, dtype
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        dims = list(range(t.dim())) if self.dims is None else list(self.dims)
+        if self.mean:
+            return t.mean(dims, keepdim=self.keepdim, dtype=self.dtype)
+        return t.sum(dims, keepdim=self.keepdim, dtype=self.dtype)
+
+    def forward(self, inputs, params) -> Tensor:
+        x = inputs[0]
+        self.in_shape, self.in_dtype = x.shape, x.dtype
+        n = max(x.dim(), 1)
+        dims = range(x.dim()) if self.dims is None else self.dims
+        self.reduced = sorted({d % n for d in dims})
+        count = 1
+        for d in self.reduced:
+            count *= x.shape[d] if x.dim() else 1
+        self.count = count
+        return self._reduce(x)
+
+    def jvp(self, din, dparams) -> Tensor:
+        return self._reduce(din[0])
 
     def vjp(self, g, need_inputs, need_params) -> Grads:
         if not need_inputs[0]:
             return [None], {}
-        if self._vjp is None:
-            _, self._vjp = torch.func.vjp(self.fn, self.x)
-            self.x = None
-        return [self._vjp(g)[0]], {}
+        if not self.keepdim and len(self.in_shape):
+            for d in self.reduced:  # ascending, so each index is already final
+                g = g.unsqueeze(d)
+        g = g.to(self.in_dtype)
+        # Materialised: an expanded view has overlapping memory, which a later
+        # in-place accumulation could not take.
+        out = g.expand(self.in_shape)
+        return [out / self.count if self.mean else out.contiguous()], {}
+
+
+def _basic_index(index: Any) -> bool:
+    """Only ints, slices, None and Ellipsis: ``x[index]`` is a view and
+    ``out[index] = g`` its exact transpose."""
+    leaves = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (int, slice, type(None), type(Ellipsis))) and not isinstance(i, bool)
+               for i in leaves)
+
+
+class IndexRule(Rule):
+    """``x[index]`` (slicing, integer, boolean or tensor indexing).  Basic
+    indexing transposes by assignment into zeros; advanced indexing gathers, so
+    its transpose scatters with accumulation over the positions it read
+    (repeated indices add up), from a position map taken at build."""
+
+    def __init__(self, index: Any):
+        self.index = index
+
+    def forward(self, inputs, params) -> Tensor:
+        x = inputs[0]
+        index = substitute(self.index, inputs)
+        self.in_shape = x.shape
+        self.basic = _basic_index(index)
+        self.value_index = index
+        if not self.basic:
+            self.positions = torch.arange(x.numel(), device=x.device).view(x.shape)[index]
+        return x[index]
+
+    def jvp(self, din, dparams) -> Tensor:
+        return din[0][self.value_index]
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        gin: list = [None] * len(need_inputs)
+        if not need_inputs[0]:
+            return gin, {}
+        if self.basic:
+            out = g.new_zeros(self.in_shape)
+            out[self.value_index] = g
+        else:
+            out = g.new_zeros(self.in_shape.numel()).index_add_(0, self.positions.reshape(-1), g.reshape(-1))
+            out = out.view(self.in_shape)
+        gin[0] = out
+        return gin, {}
+
+
+class ScaleRule(Rule):
+    """``-x`` and ``x / c`` for a number ``c``: a constant scale."""
+
+    def __init__(self, scale: float = 1.0, divisor: Optional[float] = None):
+        self.scale, self.divisor = scale, divisor
+
+    def _apply(self, t: Tensor) -> Tensor:
+        return t / self.divisor if self.divisor is not None else t * self.scale
+
+    def forward(self, inputs, params) -> Tensor:
+        return self._apply(inputs[0])
+
+    def jvp(self, din, dparams) -> Tensor:
+        return self._apply(din[0])
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        return [self._apply(g) if need_inputs[0] else None], {}
+
+
+class DivRule(Rule):
+    """``a / b`` with tensors or numbers.  With ``y = a / b``: ``dy = da / b -
+    y db / b``; the residual has the mixed term ``-g db / b^2`` towards ``a``
+    and ``-g da / b^2 + 2 g y db / b^2`` towards ``b``."""
+
+    def __init__(self, a: Any, b: Any):
+        self.a, self.b = a, b
+
+    def forward(self, inputs, params) -> Tensor:
+        self.va, self.vb = substitute(self.a, inputs), substitute(self.b, inputs)
+        self.shapes = {w.index: v.shape for w, v in ((self.a, self.va), (self.b, self.vb)) if isinstance(w, Input)}
+        self.y = self.va / self.vb
+        return self.y
+
+    def _d(self, which, din):
+        return din[which.index] if isinstance(which, Input) else None
+
+    def jvp(self, din, dparams) -> Tensor:
+        da, db = self._d(self.a, din), self._d(self.b, din)
+        out = None if da is None else da / self.vb
+        if db is not None:
+            t = -self.y * db / self.vb
+            out = t if out is None else out + t
+        return out.expand(self.y.shape) if out.shape != self.y.shape else out
+
+    def _scatter(self, need_inputs, ga, gb) -> list:
+        gin: list = [None] * len(need_inputs)
+        for which, t in ((self.a, ga), (self.b, gb)):
+            if isinstance(which, Input) and need_inputs[which.index] and t is not None:
+                t = sum_to_shape(t, self.shapes[which.index])
+                i = which.index
+                gin[i] = t if gin[i] is None else gin[i] + t
+        return gin
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        gb = -g * self.y / self.vb if isinstance(self.b, Input) and need_inputs[self.b.index] else None
+        ga = g / self.vb if isinstance(self.a, Input) and need_inputs[self.a.index] else None
+        return self._scatter(need_inputs, ga, gb), {}
+
+    def has_residual(self) -> bool:
+        return isinstance(self.b, Input) and self.active[self.b.index]
+
+    def residual(self, g, din, dparams, need_inputs, need_params) -> Grads:
+        da, db = self._d(self.a, din), self._d(self.b, din)
+        b2 = self.vb * self.vb
+        ra = None if db is None else -g * db / b2
+        rb = None
+        if da is not None:
+            rb = -g * da / b2
+        if db is not None:
+            t = 2 * g * self.y * db / b2
+            rb = t if rb is None else rb + t
+        return self._scatter(need_inputs, ra, rb), {}
 
 
 class AddRule(Rule):
