@@ -256,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     parser.add_argument("--distributed", action="store_true",
                         help="data-parallel over the ranks torchrun starts (see the module docstring)")
+    sharp = parser.add_argument_group("sharpness (examples/sharpness.py)")
+    sharp.add_argument("--sharpness-every", type=int, default=0, metavar="N",
+                       help="every N steps (and at the start) log the top Hessian and GGN eigenvalues "
+                            "to TensorBoard (sharpness/*); 0: never")
+    sharp.add_argument("--sharpness-samples", type=int, default=512,
+                       help="fixed training samples (the first of the split) the eigenvalues are taken on")
+    sharp.add_argument("--sharpness-batch-size", type=int, default=None,
+                       help="batches of the sharpness samples (default: --batch-size)")
+    sharp.add_argument("--sharpness-tol", type=float, default=1e-3, help="relative tolerance of the eigenvalues")
     return parser
 
 
@@ -293,6 +302,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.epochs < 0 or (args.max_steps is not None and args.max_steps < 0):
         parser.error("--epochs and --max-steps must be >= 0")
+    if args.sharpness_every < 0 or args.sharpness_samples < 2 or not 0 < args.sharpness_tol < 1:
+        parser.error("--sharpness-every must be >= 0, --sharpness-samples >= 2, --sharpness-tol in (0, 1)")
+    if args.sharpness_batch_size is None:
+        args.sharpness_batch_size = args.batch_size
+    if args.sharpness_batch_size < 2:
+        parser.error("--sharpness-batch-size must be >= 2 (train-mode BatchNorm needs two samples)")
     if args.checkpoint_every < 0 or args.precise_bn < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--checkpoint-every and --precise-bn must be >= 0, --threads >= 1")
     try:
@@ -689,6 +704,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hessian_free = args.optimizer == "hf"
     if hessian_free:
         from hfopt.summaries import log_step
+    sharpness = None
+    if args.sharpness_every:
+        from sharpness import SharpnessLogger
+
+        sharpness = SharpnessLogger(args.sharpness_every, train_set, args.sharpness_samples,
+                                    args.sharpness_batch_size, args.sharpness_tol)
 
     generator = torch.Generator().manual_seed(args.seed)
     batches = EpochBatches(len(train_set), args.batch_size, generator)
@@ -804,6 +825,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log_evaluation(record)
         # TensorBoard's Relative axis counts from a chart's first point: let the clock's chart start at 0.
         writer.add_scalar("time/wall", 0.0, 0, walltime=clock())
+        if sharpness is not None:
+            sharpness.log(writer, model, loss_fn, 0, clock(), None if hessian_free else learning_rate(args, 1))
 
     def limit_reached() -> Optional[str]:
         if args.max_steps is not None and state["global_step"] >= args.max_steps:
@@ -862,6 +885,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 state["hf"]["curvature_products"] += int(info.get("curvature_products", 0) or 0)
             else:
                 writer.add_scalar("train/lr", lr, examples, walltime=walltime)
+            if sharpness is not None and sharpness.due(state["global_step"]):
+                # After the step and outside the training clock; it changes neither the model nor the RNG.
+                sharpness.log(writer, model, loss_fn, examples, walltime, None if hessian_free else lr)
             bar.update(1)
             bar.set_postfix(epoch=state["epoch"] + 1, loss=f"{loss:.4f}", refresh=False)
             if state["global_step"] == sigkill_at_step:

@@ -58,7 +58,81 @@ class _Step:
     gradient: Optional[Tensor] = field(default=None, repr=False)  # dLoss/dOutput of this step
 
 
-class CurvatureOperator:
+class FlatOperator:
+    """The linear-operator face shared by every hfopt curvature operator:
+    products on parameter-shaped lists (:meth:`matvec`, ``@``) and on flat
+    vectors (:meth:`matvec_flat`), and a SciPy view.  Subclasses set
+    ``params`` and ``param_names`` and implement :meth:`matvec`."""
+
+    params: List[Tensor]
+    param_names: List[str]
+
+    def matvec(self, v: Sequence[Tensor]) -> Vector:
+        """The curvature times ``v`` (a list shaped like the parameters)."""
+        raise NotImplementedError
+
+    def __matmul__(self, v: Sequence[Tensor]) -> Vector:
+        return self.matvec(v)
+
+    def matvec_flat(self, vec: Tensor) -> Tensor:
+        """:meth:`matvec` on one flat vector (parameters concatenated in order)."""
+        if not isinstance(vec, Tensor) or vec.dim() != 1 or vec.numel() != self.numel:
+            raise ValueError(f"hfopt: a flat vector must be a 1-D tensor of {self.numel} elements, got "
+                             f"{tuple(vec.shape) if isinstance(vec, Tensor) else type(vec).__name__}")
+        return torch.cat([t.reshape(-1) for t in self.matvec(self.unflatten(vec))])
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def unflatten(self, vec: Tensor) -> Vector:
+        """Split a flat vector into parameter-shaped pieces (dtype and device of the parameters)."""
+        out, k = [], 0
+        for p in self.params:
+            out.append(vec[k:k + p.numel()].view(p.shape).to(dtype=p.dtype, device=p.device))
+            k += p.numel()
+        return out
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` on flat float64 vectors."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x: np.ndarray) -> np.ndarray:
+            flat = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
+            return self.matvec_flat(flat).detach().cpu().to(torch.float64).numpy()
+
+        n = self.numel
+        return LinearOperator((n, n), matvec=mv, rmatvec=mv, dtype=np.float64)
+
+    def _check(self, v: Sequence[Tensor]) -> Vector:
+        if isinstance(v, Tensor) or not isinstance(v, (list, tuple)):
+            raise TypeError(f"hfopt: v must be a list of tensors shaped like the {len(self.params)} trainable "
+                            f"parameters, got {type(v).__name__} (use matvec_flat for a flat vector)")
+        if len(v) != len(self.params):
+            # Name the first parameter left without an entry (or the last one
+            # matched when v is too long): the mismatch is usually a frozen or
+            # forgotten parameter.
+            if len(v) < len(self.params):
+                where = f"no entry for parameter '{self.param_names[len(v)]}'"
+            else:
+                where = f"the last trainable parameter is '{self.param_names[-1]}'"
+            raise ValueError(f"hfopt: v has {len(v)} tensors but the model has {len(self.params)} trainable "
+                             f"parameters ({where}); v must follow the trainable parameters in "
+                             "model.parameters() order")
+        for name, p, t in zip(self.param_names, self.params, v):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"hfopt: v entry for parameter '{name}' is a {type(t).__name__}, not a tensor")
+            if t.shape != p.shape:
+                raise ValueError(f"hfopt: v entry for parameter '{name}' has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(p.shape)}")
+            if t.dtype != p.dtype:
+                raise ValueError(f"hfopt: v entry for parameter '{name}' has dtype {t.dtype}, expected {p.dtype}")
+            if t.device != p.device:
+                raise ValueError(f"hfopt: v entry for parameter '{name}' is on {t.device}, expected {p.device}")
+        return [t.detach() for t in v]
+
+
+class CurvatureOperator(FlatOperator):
     """Base of :class:`GGN` and :class:`Hessian`; see the module docstring."""
 
     residuals = False
@@ -402,39 +476,6 @@ class CurvatureOperator:
             u = self.loss_curvature.hvp(self._to_params_dtype(d_out))
             return self._backward_sweep(self._compute(u), dirs if residuals else None, v)
 
-    def __matmul__(self, v: Sequence[Tensor]) -> Vector:
-        return self.matvec(v)
-
-    def matvec_flat(self, vec: Tensor) -> Tensor:
-        """:meth:`matvec` on one flat vector (parameters concatenated in order)."""
-        if not isinstance(vec, Tensor) or vec.dim() != 1 or vec.numel() != self.numel:
-            raise ValueError(f"hfopt: a flat vector must be a 1-D tensor of {self.numel} elements, got "
-                             f"{tuple(vec.shape) if isinstance(vec, Tensor) else type(vec).__name__}")
-        return torch.cat([t.reshape(-1) for t in self.matvec(self.unflatten(vec))])
-
-    @property
-    def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
-
-    def unflatten(self, vec: Tensor) -> Vector:
-        """Split a flat vector into parameter-shaped pieces (dtype and device of the parameters)."""
-        out, k = [], 0
-        for p in self.params:
-            out.append(vec[k:k + p.numel()].view(p.shape).to(dtype=p.dtype, device=p.device))
-            k += p.numel()
-        return out
-
-    def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` on flat float64 vectors."""
-        from scipy.sparse.linalg import LinearOperator
-
-        def mv(x: np.ndarray) -> np.ndarray:
-            flat = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
-            return self.matvec_flat(flat).detach().cpu().to(torch.float64).numpy()
-
-        n = self.numel
-        return LinearOperator((n, n), matvec=mv, rmatvec=mv, dtype=np.float64)
-
     def diagonal_estimate(self, samples: int = 1, generator: Optional[torch.Generator] = None) -> Vector:
         """Unbiased estimate of the Gauss-Newton diagonal from ``samples`` backward
         sweeps of ``s ~ H_out^{1/2}`` (Monte-Carlo Gauss-Newton): non-negative,
@@ -461,34 +502,6 @@ class CurvatureOperator:
                 for t, c in zip(total, contrib):
                     t.add_(c)
         return [t / samples for t in total]
-
-    def _check(self, v: Sequence[Tensor]) -> Vector:
-        if isinstance(v, Tensor) or not isinstance(v, (list, tuple)):
-            raise TypeError(f"hfopt: v must be a list of tensors shaped like the {len(self.params)} trainable "
-                            f"parameters, got {type(v).__name__} (use matvec_flat for a flat vector)")
-        if len(v) != len(self.params):
-            # Name the first parameter left without an entry (or the last one
-            # matched when v is too long): the mismatch is usually a frozen or
-            # forgotten parameter.
-            if len(v) < len(self.params):
-                where = f"no entry for parameter '{self.param_names[len(v)]}'"
-            else:
-                where = f"the last trainable parameter is '{self.param_names[-1]}'"
-            raise ValueError(f"hfopt: v has {len(v)} tensors but the model has {len(self.params)} trainable "
-                             f"parameters ({where}); v must follow the trainable parameters in "
-                             "model.parameters() order")
-        for name, p, t in zip(self.param_names, self.params, v):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"hfopt: v entry for parameter '{name}' is a {type(t).__name__}, not a tensor")
-            if t.shape != p.shape:
-                raise ValueError(f"hfopt: v entry for parameter '{name}' has shape {tuple(t.shape)}, "
-                                 f"expected {tuple(p.shape)}")
-            if t.dtype != p.dtype:
-                raise ValueError(f"hfopt: v entry for parameter '{name}' has dtype {t.dtype}, expected {p.dtype}")
-            if t.device != p.device:
-                raise ValueError(f"hfopt: v entry for parameter '{name}' is on {t.device}, expected {p.device}")
-        return [t.detach() for t in v]
-
 
 def _autocast_enabled(device_type: str) -> bool:
     try:

@@ -296,3 +296,50 @@ def test_compare_quick_writes_outputs(tmp_path):
         tags = events(logdir).Tags()["scalars"]
         for regex in regexes:
             assert [t for t in tags if re.match(regex, t)], (name, regex)
+
+
+@pytest.mark.parametrize("optimizer, extra", [("sgd", []), ("hf", ["--batch-size", "256", *HF_FAST])])
+def test_sharpness_logging_leaves_training_alone(tmp_path, optimizer, extra):
+    """--sharpness-every logs the top Hessian and GGN eigenvalues without changing
+    the parameters, buffers, optimizer state or RNG stream of the run."""
+    base = ["--optimizer", optimizer, "--max-steps", "4", *extra]
+    plain = run(tmp_path, "plain", *base)
+    sharp = run(tmp_path, "sharp", *base, "--sharpness-every", "2", "--sharpness-samples", "64",
+                "--sharpness-batch-size", "32")
+    a, b = checkpoint(tmp_path, "plain"), checkpoint(tmp_path, "sharp")
+    for key in ("model", "optimizer", "rng"):
+        assert_same_tensors(a[key], b[key], key)
+    assert_same_tensors(without_times(plain["history"]), without_times(sharp["history"]), "history")
+    acc = events(tmp_path / "sharp")
+    batch = 128 if optimizer == "sgd" else 256
+    for tag in ("sharpness/hessian_top", "sharpness/ggn_top"):
+        assert steps(acc, tag) == [0, 2 * batch, 4 * batch]
+        assert all(math.isfinite(e.value) and e.value > 0 for e in acc.Scalars(tag))
+    assert ("sharpness/two_over_lr" in acc.Tags()["scalars"]) == (optimizer == "sgd")
+    assert "sharpness/hessian_top" not in events(tmp_path / "plain").Tags()["scalars"]
+
+
+def test_sharpness_bad_values(tmp_path):
+    for argv in (["--sharpness-every", "-1"], ["--sharpness-samples", "1"], ["--sharpness-tol", "0"],
+                 ["--sharpness-batch-size", "1"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+
+
+def test_spectrum_example_writes_json_and_png(tmp_path):
+    cifar = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-batches-py"
+    if not cifar.is_dir():
+        pytest.skip(f"CIFAR-10 is not in {cifar}")
+    import spectrum
+
+    record = spectrum.main(["--batch-size", "8", "--batches", "2", "--k", "2", "--trace-samples", "6",
+                            "--steps", "4", "--curvature", "ggn", "--threads", "1", "--out", tmp_path])
+    saved = json.loads((tmp_path / "spectrum.json").read_text())
+    assert saved["top_eigenvalues"] == pytest.approx(record["top_eigenvalues"])
+    assert saved["top_eigenvalues"][0] >= saved["top_eigenvalues"][1] > 0  # a GGN is PSD
+    assert saved["condition_proxy_top_over_kth"] >= 1
+    assert (tmp_path / "density.png").read_bytes()[:4] == b"\x89PNG"
+    # A digits checkpoint is refused by name.
+    run(tmp_path, "digits", "--optimizer", "sgd", "--max-steps", "1")
+    with pytest.raises(ValueError, match="not cifar10"):
+        spectrum.main(["--checkpoint", tmp_path / "digits" / train.CHECKPOINT_NAME, "--out", tmp_path])
