@@ -675,7 +675,9 @@ class HFOptimizer(torch.optim.Optimizer):
         return tuple(take(t) for t in inputs), take(targets)
 
     def _warm_start(self, params: List[Tensor]) -> Optional[Tensor]:
-        parts = [self.state[p].get("warm_start") for p in params]
+        # Looked up, not indexed: torch's state is a defaultdict, and a step that
+        # fails before storing a warm start must not leave empty entries behind.
+        parts = [self.state[p].get("warm_start") if p in self.state else None for p in params]
         if any(t is None for t in parts):
             return None
         return self._flat(parts)

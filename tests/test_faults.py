@@ -171,3 +171,14 @@ def test_an_error_raised_by_the_closure_is_the_same_guarantee():
     with pytest.raises(RuntimeError, match="data loader died"):
         opt.step(raising)
     _assert_same(_everything(model, opt), before)
+
+
+def test_a_failed_first_step_leaves_no_state_behind(monkeypatch):
+    x, y = _data()
+    model = _model()
+    opt = hfopt.HFOptimizer(model.parameters())
+    before = opt.state_dict()
+    monkeypatch.setattr(hfo, "cg", _interrupting_cg(after=2))  # after the warm start was looked up
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: (lambda out: (nn.CrossEntropyLoss()(out, y), out))(model(x)))
+    _assert_tree_equal(opt.state_dict(), before)
