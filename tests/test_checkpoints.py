@@ -25,8 +25,6 @@ sys.path.insert(0, str(REPO / "examples"))
 import train  # noqa: E402
 from test_examples import HF_FAST, assert_same_tensors, events, restore_threads  # noqa: E402,F401
 
-pytest.importorskip("sklearn")  # the digits data set
-
 COMMON = ["--threads", "1", "--quiet", "--epochs", "2", "--checkpoint-every", "1"]
 # optimizer -> (its arguments, steps per epoch, the step after which the killed run dies)
 KILLED = {

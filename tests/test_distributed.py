@@ -24,8 +24,6 @@ from conftest import TOL, record, rel_err
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
 
 
 def worker_env(**extra: str) -> Dict[str, str]:
@@ -245,7 +243,6 @@ def test_real_syncbatchnorm_on_cuda(tmp_path):
 
 # ----------------------------------------------------------------------------- torchrun
 def test_torchrun_train_example_logs_from_rank_zero_only(tmp_path):
-    pytest.importorskip("sklearn")  # the digits data set
     logdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "examples" / "train.py"), "--distributed", "--max-steps", "2", "--cg-max-iterations", "5",

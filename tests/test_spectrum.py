@@ -188,7 +188,6 @@ def test_density_with_the_whole_space_puts_nodes_on_the_eigenvalues():
 
 
 def test_plot_density_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
     _, op, _, _, _ = setup("mlp_bn", True, "hessian")
     res = hfopt.spectral_density(op, probes=2, steps=10, progress=False)
     path = tmp_path / "density.png"
