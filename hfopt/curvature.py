@@ -22,6 +22,7 @@ that all ranks must call in the same order.
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -58,7 +59,7 @@ class _Step:
     gradient: Optional[Tensor] = field(default=None, repr=False)  # dLoss/dOutput of this step
 
 
-class FlatOperator:
+class FlatOperator(ABC):
     """The linear-operator face shared by every hfopt curvature operator:
     products on parameter-shaped lists (:meth:`matvec`, ``@``) and on flat
     vectors (:meth:`matvec_flat`), and a SciPy view.  Subclasses set
@@ -67,9 +68,9 @@ class FlatOperator:
     params: List[Tensor]
     param_names: List[str]
 
+    @abstractmethod
     def matvec(self, v: Sequence[Tensor]) -> Vector:
         """The curvature times ``v`` (a list shaped like the parameters)."""
-        raise NotImplementedError
 
     def __matmul__(self, v: Sequence[Tensor]) -> Vector:
         return self.matvec(v)

@@ -37,11 +37,12 @@ class LossCurvature(ABC):
     def grad(self) -> Tensor:
         """dLoss/dOutput, computed once."""
         if self._grad is None:
-            self._grad = self._closed_grad()
+            self._grad = self._output_gradient()
         return self._grad
 
-    def _closed_grad(self) -> Tensor:
-        raise NotImplementedError  # losses without a closed form set ``_grad`` when built
+    @abstractmethod
+    def _output_gradient(self) -> Tensor:
+        """dLoss/dOutput (closed form, or from the loss's own graph)."""
 
     def _check_target(self) -> None:
         """Raise ``ValueError`` naming the problem for a target this loss cannot
@@ -136,7 +137,7 @@ class CrossEntropyCurvature(LossCurvature):
         # (their count without class weights), smoothing or not.
         return t / w_target.sum() if reduction == "mean" else t
 
-    def _closed_grad(self) -> Tensor:
+    def _output_gradient(self) -> Tensor:
         return self.coef.unsqueeze(self.cdim) * self.p - self._weighted_targets()
 
     @property
@@ -167,7 +168,7 @@ class MSECurvature(LossCurvature):
         super().__init__(loss_fn, output, target)
         self.scale = 2.0 / output.numel() if _reduction(loss_fn) == "mean" else 2.0
 
-    def _closed_grad(self) -> Tensor:
+    def _output_gradient(self) -> Tensor:
         return (self.output - self.target) * self.scale
 
     def _check_target(self) -> None:
@@ -201,7 +202,7 @@ class BCEWithLogitsCurvature(LossCurvature):
         self.coef = torch.broadcast_to(coef, output.shape) / den
         self.diag = self.coef * s * (1 - s)
 
-    def _closed_grad(self) -> Tensor:
+    def _output_gradient(self) -> Tensor:
         return self.coef * self.s - self._positive
 
     def _check_target(self) -> None:
@@ -235,7 +236,9 @@ class AutogradCurvature(LossCurvature):
         with torch.enable_grad():
             self._z = output.detach().requires_grad_(True)
             self._g = torch.autograd.grad(loss_fn(self._z, target).reshape(()), self._z, create_graph=True)[0]
-        self._grad = self._g.detach()
+
+    def _output_gradient(self) -> Tensor:
+        return self._g.detach()
 
     def hvp(self, u: Tensor) -> Tensor:
         if not self._g.requires_grad:  # the loss is linear in the output
@@ -267,10 +270,13 @@ class GraphCurvature(LossCurvature):
             raise ValueError(f"hfopt: the loss graph's outputs have shape {tuple(loss_fn.outputs.shape)}, "
                              f"the model's output {tuple(output.shape)}")
         self.loss_fn, self.output, self.target = loss_fn, output, target
+        self._grad = None
         self.value = loss_fn.loss.detach().reshape(())
         with torch.enable_grad():
             self._g = torch.autograd.grad(loss_fn.loss, loss_fn.outputs, create_graph=True, retain_graph=True)[0]
-        self._grad = self._g.detach()
+
+    def _output_gradient(self) -> Tensor:
+        return self._g.detach()
 
     def hvp(self, u: Tensor) -> Tensor:
         if not self._g.requires_grad:
