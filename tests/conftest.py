@@ -91,6 +91,28 @@ def assert_state_equal(model: nn.Module, snap: Dict[str, Tensor]) -> None:
         assert torch.equal(now[k], snap[k]), f"{k} changed"
 
 
+def assert_same_tensors(a, b, where: str = "") -> None:
+    """Recursively require equal tensors (same dtype, equal values, NaN where
+    the other has NaN) and equal plain values (nan == nan here)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        if a.is_floating_point():
+            nan = a.isnan()
+            assert torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan]), where
+        else:
+            assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
+
+
 @contextlib.contextmanager
 def preserved_state(model: nn.Module):
     """Restore every parameter and buffer bitwise on exit (a train-mode

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hfopt
+from conftest import assert_same_tensors
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 CE = nn.CrossEntropyLoss()
@@ -36,20 +37,6 @@ def _state(model, opt=None):
             [None if p.grad is None else p.grad.clone() for p in model.parameters()],
             None if opt is None else copy.deepcopy(opt.state_dict()),
             None if opt is None else opt.damping.value)
-
-
-def _equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and \
-            bool(torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
-                                       and torch.equal(a.nan_to_num(), b.nan_to_num())))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and math.isnan(a):
-        return isinstance(b, float) and math.isnan(b)
-    return a == b
 
 
 def _stepped_optimizer(model, x, y):
@@ -115,7 +102,7 @@ def test_optimizer_bad_input_changes_nothing(case):
     else:
         with pytest.raises(exc, match=pattern):
             run(model, x, y, opt)
-    assert _equal(_state(model, opt), before), "a bad input changed the model or the optimizer"
+    assert_same_tensors(_state(model, opt), before, "a bad input changed the model or the optimizer")
     opt.step(_closure(model, x, y))  # and training goes on
     assert opt.last_step["rejected"] is None or opt.last_step["rejected"].startswith("rho")
 
@@ -129,7 +116,7 @@ def test_nan_in_parameters_is_rejected_and_changes_nothing():
     before = _state(model, opt)
     with pytest.warns(UserWarning, match="non-finite loss or gradient"):
         opt.step(_closure(model, x, y))
-    assert _equal(_state(model, opt), before)
+    assert_same_tensors(_state(model, opt), before)
 
 
 # ----------------------------------------------------------------------------- optimizer construction
@@ -156,7 +143,7 @@ def test_only_frozen_parameters_fail_at_step_with_a_clear_error():
     before = _state(model, opt)
     with pytest.raises(ValueError, match="no parameter has requires_grad=True"):
         opt.step(_closure(model, x, y))
-    assert _equal(_state(model, opt), before)
+    assert_same_tensors(_state(model, opt), before)
 
 
 def test_frozen_and_unreached_parameters_are_left_alone():
@@ -218,7 +205,7 @@ def test_operator_bad_vectors(case):
     before = _state(model)
     with pytest.raises(exc, match=pattern):
         apply(G, model)
-    assert _equal(_state(model), before)
+    assert_same_tensors(_state(model), before)
 
 
 BUILD_CASES = {
@@ -260,7 +247,7 @@ def test_operator_build_errors(case):
         with pytest.raises(exc, match=pattern):
             cls(model, loss_fn, x, y)
     if before is not None:
-        assert _equal(_state(model), before)
+        assert_same_tensors(_state(model), before)
 
 
 def test_nan_in_operator_inputs_propagates_as_autograd_would():
@@ -273,7 +260,7 @@ def test_nan_in_operator_inputs_propagates_as_autograd_would():
     before = _state(model)
     G = hfopt.GGN(model, CE, x, y)
     assert G.loss.isnan() and all(t.isnan().any() for t in G @ [torch.ones_like(p) for p in model.parameters()])
-    assert _equal(_state(model), before)
+    assert_same_tensors(_state(model), before)
 
 
 def test_mixed_train_and_eval_submodules_follow_each_module():

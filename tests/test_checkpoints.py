@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
 import train  # noqa: E402
-from test_examples import HF_FAST, assert_same_tensors, events, restore_threads  # noqa: E402,F401
+from conftest import assert_same_tensors  # noqa: E402
+from test_examples import HF_FAST, events, restore_threads  # noqa: E402,F401
 
 COMMON = ["--threads", "1", "--quiet", "--epochs", "2", "--checkpoint-every", "1"]
 # optimizer -> (its arguments, steps per epoch, the step after which the killed run dies)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import TOL, record, rel_err
+from conftest import TOL, assert_same_tensors, record, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -146,7 +146,7 @@ def test_ranks_stay_bitwise_equal_and_share_one_state(optimizer):
     a, b = optimizer
     for step in range(3):
         assert bitwise(a["defaults"][step], b["defaults"][step]), step
-    assert _equal(a["defaults_state"], b["defaults_state"])
+    assert_same_tensors(a["defaults_state"], b["defaults_state"])
 
 
 def test_resume_from_rank_zero_checkpoint_is_bitwise(optimizer):
@@ -192,16 +192,6 @@ def test_syncbatchnorm_steps_are_the_global_batch_steps(optimizer):
         for step in range(2):
             assert rel_err(res["syncbn"][step], ref[step]) < 1e-8, step
     assert bitwise(optimizer[0]["syncbn"][1], optimizer[1]["syncbn"][1])
-
-
-def _equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 # ----------------------------------------------------------------------------- failures

@@ -17,6 +17,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 import compare  # noqa: E402
 import train  # noqa: E402
+from conftest import assert_same_tensors  # noqa: E402
 
 pytest.importorskip("sklearn")  # the digits data set
 
@@ -43,22 +44,6 @@ def run(tmp_path: Path, name: str, *argv) -> dict:
 
 def checkpoint(tmp_path: Path, name: str) -> dict:
     return torch.load(tmp_path / name / train.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
-
-
-def assert_same_tensors(a, b, where: str = "") -> None:
-    """Recursively require bitwise-equal tensors and equal plain values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"  # nan == nan here
 
 
 def without_times(history: list[dict]) -> list[dict]:

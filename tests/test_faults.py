@@ -14,6 +14,7 @@ from torch import nn
 
 import hfopt
 import hfopt.optimizer as hfo
+from conftest import assert_same_tensors
 from hfopt.cg import cg as real_cg
 
 
@@ -57,26 +58,9 @@ def _assert_same(a, b):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), "parameters or buffers moved"
     assert all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
                for x, y in zip(ga, gb)), ".grad changed"
-    _assert_tree_equal(oa, ob)
+    assert_same_tensors(oa, ob)
     assert la == lb, "damping changed"
     assert (gena is None and genb is None) or torch.equal(gena, genb), "generator state changed"
-
-
-def _assert_tree_equal(a, b, where="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_tree_equal(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_tree_equal(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    else:
-        assert a == b, where
 
 
 def _interrupting_cg(after: int):
@@ -148,7 +132,7 @@ def test_interrupt_leaves_everything_and_the_next_step_is_normal(point, monkeypa
     assert torch.equal(opt.step(closure), twin_opt.step(twin_closure))
     for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
         assert torch.equal(a, b)
-    _assert_tree_equal(opt.state_dict(), twin_opt.state_dict())
+    assert_same_tensors(opt.state_dict(), twin_opt.state_dict())
 
 
 def test_an_error_raised_by_the_closure_is_the_same_guarantee():
@@ -181,4 +165,4 @@ def test_a_failed_first_step_leaves_no_state_behind(monkeypatch):
     monkeypatch.setattr(hfo, "cg", _interrupting_cg(after=2))  # after the warm start was looked up
     with pytest.raises(KeyboardInterrupt):
         opt.step(lambda: (lambda out: (nn.CrossEntropyLoss()(out, y), out))(model(x)))
-    _assert_tree_equal(opt.state_dict(), before)
+    assert_same_tensors(opt.state_dict(), before)

@@ -202,30 +202,20 @@ class ScaleRule(Rule):
         return [self._apply(g) if need_inputs[0] else None], {}
 
 
-class DivRule(Rule):
-    """``a / b`` with tensors or numbers.  With ``y = a / b``: ``dy = da / b -
-    y db / b``; the residual has the mixed term ``-g db / b^2`` towards ``a``
-    and ``-g da / b^2 + 2 g y db / b^2`` towards ``b``."""
+class _TwoOperands(Rule):
+    """Shared by ``a * b`` and ``a / b``: either operand is a tensor marker or a
+    number; cotangents are summed back to each tensor operand's shape (its
+    broadcast), and added where both operands are the same input (``x * x``)."""
 
     def __init__(self, a: Any, b: Any):
         self.a, self.b = a, b
 
-    def forward(self, inputs, params) -> Tensor:
+    def _bind(self, inputs) -> None:
         self.va, self.vb = substitute(self.a, inputs), substitute(self.b, inputs)
         self.shapes = {w.index: v.shape for w, v in ((self.a, self.va), (self.b, self.vb)) if isinstance(w, Input)}
-        self.y = self.va / self.vb
-        return self.y
 
     def _d(self, which, din):
         return din[which.index] if isinstance(which, Input) else None
-
-    def jvp(self, din, dparams) -> Tensor:
-        da, db = self._d(self.a, din), self._d(self.b, din)
-        out = None if da is None else da / self.vb
-        if db is not None:
-            t = -self.y * db / self.vb
-            out = t if out is None else out + t
-        return out.expand(self.y.shape) if out.shape != self.y.shape else out
 
     def _scatter(self, need_inputs, ga, gb) -> list:
         gin: list = [None] * len(need_inputs)
@@ -235,6 +225,25 @@ class DivRule(Rule):
                 i = which.index
                 gin[i] = t if gin[i] is None else gin[i] + t
         return gin
+
+
+class DivRule(_TwoOperands):
+    """``a / b`` with tensors or numbers.  With ``y = a / b``: ``dy = da / b -
+    y db / b``; the residual has the mixed term ``-g db / b^2`` towards ``a``
+    and ``-g da / b^2 + 2 g y db / b^2`` towards ``b``."""
+
+    def forward(self, inputs, params) -> Tensor:
+        self._bind(inputs)
+        self.y = self.va / self.vb
+        return self.y
+
+    def jvp(self, din, dparams) -> Tensor:
+        da, db = self._d(self.a, din), self._d(self.b, din)
+        out = None if da is None else da / self.vb
+        if db is not None:
+            t = -self.y * db / self.vb
+            out = t if out is None else out + t
+        return out.expand(self.y.shape) if out.shape != self.y.shape else out
 
     def vjp(self, g, need_inputs, need_params) -> Grads:
         gb = -g * self.y / self.vb if isinstance(self.b, Input) and need_inputs[self.b.index] else None
@@ -296,24 +305,15 @@ class AddRule(Rule):
         return gin, {}
 
 
-class MulRule(Rule):
+class MulRule(_TwoOperands):
     """``a * b``: bilinear, so the residual is ``g * db`` towards ``a`` and
     ``g * da`` towards ``b``."""
 
-    def __init__(self, a: Any, b: Any):
-        self.a, self.b = a, b
-
     def forward(self, inputs, params) -> Tensor:
-        self.va, self.vb = substitute(self.a, inputs), substitute(self.b, inputs)
+        self._bind(inputs)
         out = self.va * self.vb
         self.out_shape = out.shape
         return out
-
-    def _d(self, which, din):
-        return din[which.index] if isinstance(which, Input) else None
-
-    def _shape(self, v):
-        return v.shape if isinstance(v, Tensor) else torch.Size([])
 
     def jvp(self, din, dparams) -> Tensor:
         da, db = self._d(self.a, din), self._d(self.b, din)
@@ -324,15 +324,6 @@ class MulRule(Rule):
             t = self.va * db
             out = t if out is None else out + t
         return out.expand(self.out_shape) if out.shape != self.out_shape else out
-
-    def _scatter(self, need_inputs, ga, gb) -> list:
-        gin: list = [None] * len(need_inputs)
-        for which, t, v in ((self.a, ga, self.va), (self.b, gb, self.vb)):
-            if isinstance(which, Input) and need_inputs[which.index] and t is not None:
-                t = sum_to_shape(t, self._shape(v))
-                i = which.index
-                gin[i] = t if gin[i] is None else gin[i] + t
-        return gin
 
     def vjp(self, g, need_inputs, need_params) -> Grads:
         return self._scatter(need_inputs, g * self.vb, g * self.va), {}
