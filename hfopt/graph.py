@@ -67,11 +67,19 @@ class _Tracer(fx.Tracer):
 
 
 def _traceable(m: nn.Module) -> bool:
-    try:
-        _Tracer().trace(m)
-    except Exception:  # data-dependent control flow and the like
-        return False
-    return True
+    # Remembered per module: HFOptimizer builds an operator, hence traces, every step.
+    known = _TRACEABLE.get(m)
+    if known is None:
+        try:
+            _Tracer().trace(m)
+            known = True
+        except Exception:  # data-dependent control flow and the like
+            known = False
+        _TRACEABLE[m] = known
+    return known
+
+
+_TRACEABLE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 _INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,

@@ -98,6 +98,7 @@ class GlueNet(nn.Module):
         h = torch.tanh(h)
         v = F.conv3d(h[:, :2].unsqueeze(2), self.conv3d_w, padding=(0, 1, 1)).squeeze(2)  # [N, 2, 5, 5]
         h = h.permute(0, 2, 3, 1).transpose(1, 2)               # [N, 5, 5, 4]
+        h = torch.movedim(h.movedim(3, 1), 1, 3)                # and back
         h = h[:, 1:, ::2, :]                                    # slicing: [N, 4, 3, 4]
         a = h.mean(dim=(1, 2))                                  # [N, 4]
         b = torch.sum(h, 2).sum(1, keepdim=True).squeeze(1) / 7.0
