@@ -103,9 +103,11 @@ class CrossEntropyCurvature(LossCurvature):
             raise _target_error(loss_fn, f"class indices must have shape {tuple(want)} (the output {tuple(z.shape)} "
                                          f"without its class dimension), got {tuple(t.shape)}")
         used = t[t != loss_fn.ignore_index]
-        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= C):
-            bad = int(used.min()) if int(used.min()) < 0 else int(used.max())
-            raise _target_error(loss_fn, f"class index {bad} is outside [0, {C}) for an output with {C} classes")
+        if used.numel():
+            lo, hi = int(used.min()), int(used.max())
+            if lo < 0 or hi >= C:
+                raise _target_error(loss_fn, f"class index {lo if lo < 0 else hi} is outside [0, {C}) for an output "
+                                             f"with {C} classes")
 
     def _weighted_targets(self) -> Tensor:
         """The weights ``t`` the loss puts on each log-probability, so that the
