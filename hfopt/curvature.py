@@ -14,6 +14,10 @@ needs.  A product ``v -> Bv`` is then
 tensors shaped like the model's trainable parameters, in ``model.parameters()``
 order.
 
+``channels_last`` (default None: automatic, see :func:`_channels_last`) holds
+2-D convolutions and what flows between them in channels-last layout inside
+the engine; the model, its inputs and the results keep their own layout.
+
 With ``process_group=`` the operator is the curvature of the global batch
 spread over the group's ranks (:mod:`hfopt.distributed`): each rank passes its
 own shard, and every product, gradient and diagonal estimate is a collective
@@ -34,7 +38,7 @@ from torch.utils import _pytree as pytree
 from . import distributed
 from .graph import Graph, Ref, trace
 from .losses import LossCurvature, loss_curvature
-from .rules import (Input, Rule, fallback_function_rule, fallback_module_rule, function_rule, is_metadata_query,
+from .rules import (Input, ParamsAsInputs, Rule, fallback_function_rule, fallback_module_rule, function_rule, is_metadata_query,
                     module_rule)
 from .rules.base import add_optional
 from .rules.activations import ReLURule
@@ -43,7 +47,7 @@ from .rules.fallback import FallbackRule
 from .rules.conv import ConvRule
 from .rules.fused import BNReLUMaxPoolRule, DataConvBNReLUMaxPoolRule, ReLUMaxPoolRule
 from .rules.pooling import MaxPoolRule
-from .rules.shape import substitute
+from .rules.shape import call_any_layout, substitute
 
 Vector = List[Tensor]
 
@@ -139,7 +143,7 @@ class CurvatureOperator(FlatOperator):
     residuals = False
 
     def __init__(self, model: nn.Module, loss_fn: Callable, inputs, targets, *, fuse: bool = True,
-                 process_group: Optional[Any] = None):
+                 channels_last: Optional[bool] = None, process_group: Optional[Any] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"hfopt: model must be an nn.Module, got {type(model).__name__}")
         model = distributed.unwrap(model)  # DistributedDataParallel: its module
@@ -162,6 +166,8 @@ class CurvatureOperator(FlatOperator):
         self._live: Dict[int, int] = {}  # id(copy) -> id(parameter)
         self._device_type = self.params[0].device.type
         self.compute_dtype: Optional[torch.dtype] = _autocast_dtype(self._device_type, self.params[0].dtype)
+        self.channels_last = _channels_last(channels_last, self._device_type,
+                                            self.compute_dtype or self.params[0].dtype)
         with torch.no_grad(), self._exact_dtypes():
             try:
                 output = self._forward(inputs)
@@ -293,10 +299,14 @@ class CurvatureOperator(FlatOperator):
                 # queries (x.size(0), x.shape) even of a tensor that carries a
                 # direction; they return numbers, which the fallback cannot take.
                 if not any(act) or is_metadata_query(node.target, args):
-                    return node.target(*substitute(args, tensors), **substitute(kwargs, tensors))
+                    return call_any_layout(lambda *t: node.target(*substitute(args, t), **substitute(kwargs, t)),
+                                           *tensors)
                 rule, fallback = fallback_function_rule(node.target, args, kwargs), True
         trainable = {n: self._index[self._live[id(p)]] for n, p in params.items()
                      if p is not None and self._live.get(id(p)) in self._index}
+        conv = rule.inner if isinstance(rule, ParamsAsInputs) else rule
+        if isinstance(conv, ConvRule):
+            conv.channels_last = self.channels_last
         rule.setup(act, tuple(trainable))
         out = rule.forward(tensors, params)
         if any(act) or trainable:
@@ -422,7 +432,8 @@ class CurvatureOperator(FlatOperator):
         for i, idx in self._param_nodes.items():
             if i in cot:
                 grads[idx] = add_optional(grads[idx], cot[i])
-        return [torch.zeros_like(p) if g is None else g.reshape(p.shape).to(p.dtype) for p, g in zip(self.params, grads)]
+        return [torch.zeros_like(p) if g is None else g.reshape(p.shape).to(p.dtype).contiguous()
+                for p, g in zip(self.params, grads)]
 
     def _first_order(self) -> Vector:
         for step in self.steps:
@@ -522,6 +533,19 @@ def _autocast_dtype(device_type: str, param_dtype: torch.dtype) -> Optional[torc
     else:  # torch < 2.4
         dtype = torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
     return None if dtype == param_dtype else dtype
+
+
+def _channels_last(asked: Optional[bool], device_type: str, dtype: torch.dtype) -> bool:
+    """Whether 2-D convolutions run channels-last (:mod:`hfopt.rules.conv`).
+    ``None`` picks it for float32 and bfloat16 on the CPU, where oneDNN was
+    measured faster; not for float64 (no oneDNN kernel), and not on CUDA, where
+    the fused Triton BatchNorm kernels read ``[N, C, M]``-contiguous tensors
+    and would copy channels-last ones."""
+    if asked is not None:
+        if not isinstance(asked, bool):
+            raise TypeError(f"hfopt: channels_last must be True, False or None, got {type(asked).__name__}")
+        return asked
+    return device_type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
 
 def _check_dtypes(named: List) -> None:

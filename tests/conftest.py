@@ -209,11 +209,13 @@ def ref_ggnvp(model, loss_fn, x, y, v, seed=None) -> List[Tensor]:
 
 # ----------------------------------------------------------------------------- exactness
 def check_exact(model: nn.Module, loss_fn: Callable, x, y, *, ggn: bool = True, hessian: bool = True,
-                seed: Optional[int] = None, n_vectors: int = 1, tol: float = TOL, tag: str = "") -> dict:
+                seed: Optional[int] = None, n_vectors: int = 1, tol: float = TOL, tag: str = "",
+                **op_kwargs) -> dict:
     """Build GGN/Hessian, compare products with the autograd references (``n_vectors``
     random directions), the gradient, the loss and the output; check that no
     parameter or buffer changed.  ``seed`` re-seeds torch's global RNG before the
-    operator's build and before every reference forward (train-mode dropout)."""
+    operator's build and before every reference forward (train-mode dropout).
+    ``op_kwargs`` go to the operators (``channels_last=True``, ``fuse=False``)."""
     snap = snapshot(model)
     grads_before = [p.grad for p in model.parameters()]
     ops = {}
@@ -222,7 +224,7 @@ def check_exact(model: nn.Module, loss_fn: Callable, x, y, *, ggn: bool = True, 
         if not {"ggn": ggn, "hessian": hessian}[kind]:
             continue
         _seed(seed)
-        op = cls(model, loss_fn, x, y)
+        op = cls(model, loss_fn, x, y, **op_kwargs)
         ops[kind] = op
         assert_state_equal(model, snap)
         for k in range(n_vectors):

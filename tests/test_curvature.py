@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import hfopt
+from hfopt.rules import ConvRule
 from models import MODELS
 
 from conftest import (assert_state_equal, check_exact, dot, flat, labels, make, rand_vec, randn, record, ref_ggnvp,
@@ -482,6 +483,85 @@ def test_float32_model():
     sv = G32.to_scipy().matvec(flat(v64).numpy())
     assert sv.dtype == np.float64
     assert np.allclose(sv, flat(out).double().numpy(), rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- channels-last layout
+CL_PROJECT = ["resnet8_bn", "resnet20_bn", "c3d3_bn", "wrn16_4_bn"]
+
+
+def _conv_rules(op) -> list:
+    rules = [s.rule for s in op.steps]
+    rules += [getattr(r, "conv", None) for r in rules] + [getattr(r, "inner", None) for r in rules]
+    return [r for r in rules if isinstance(r, ConvRule)]
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "per-layer"])
+@pytest.mark.parametrize("name", ["conv_bn", "resnet_block"] + CL_PROJECT)
+def test_channels_last_exact(name, fuse):
+    """The channels-last path, forced in float64, against autograd on the
+    model's own (contiguous) layout; results leave contiguous."""
+    if name in ZOO:
+        model, x, y = ZOO[name]()
+    else:
+        torch.manual_seed(0)
+        model = make(MODELS[name](num_classes=4), seed=1)
+        x, y = randn(*PROJECT_INPUTS[name]), labels(PROJECT_INPUTS[name][0], 4)
+    model.train()
+    ops = check_exact(model, CE, x, y, hessian=name not in ("wrn16_4_bn",), tag="-channels-last",
+                      channels_last=True, fuse=fuse)["ops"]
+    for op in ops.values():
+        convs = _conv_rules(op)
+        assert convs and all(c.channels_last for c in convs if c.dim == 2)
+        assert all(t.is_contiguous() for t in op @ rand_vec(model))
+
+
+class ViewAfterConv(nn.Module):
+    """``view`` on a conv output (contiguous in eager, channels-last in the
+    engine) and a layer without a rule that views its input too."""
+
+    class Unruled(nn.Module):
+        def forward(self, x):
+            if x.sum() > -1e30:  # data-dependent: fx cannot trace it, the whole layer falls back
+                x = torch.sigmoid(x.view(x.shape[0], -1)).view(x.shape)
+            return x
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.odd = self.Unruled()
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        z = self.bn(self.odd(self.conv(x)))
+        return self.fc(z.view(z.size(0), -1))
+
+
+def test_channels_last_views_and_fallbacks():
+    model, x, y = make(ViewAfterConv()), randn(5, 2, 4, 4), labels(5, 3)
+    with pytest.warns(UserWarning, match="no closed-form curvature rule"):
+        check_exact(model, CE, x, y, tag="-channels-last", channels_last=True)
+
+
+def test_channels_last_default_and_errors():
+    model, x, y = ZOO["conv_bn"]()
+    assert not hfopt.GGN(model, CE, x, y).channels_last  # float64: no oneDNN kernel
+    model32 = copy.deepcopy(model).float()
+    assert hfopt.GGN(model32, CE, x.float(), y).channels_last  # float32 on the CPU
+    assert not hfopt.GGN(model32, CE, x.float(), y, channels_last=False).channels_last
+    with pytest.raises(TypeError, match="channels_last"):
+        hfopt.GGN(model, CE, x, y, channels_last="yes")
+
+
+def test_channels_last_float32_agrees_with_contiguous():
+    torch.manual_seed(0)
+    model = make(MODELS["resnet8_bn"](num_classes=4), seed=1).float().train()
+    x, y = randn(4, 3, 16, 16).float(), labels(4, 4)
+    v = [t.float() for t in rand_vec(model)]
+    for cls in (hfopt.GGN, hfopt.Hessian):
+        a = cls(model, CE, x, y) @ v
+        b = cls(model, CE, x, y, channels_last=False) @ v
+        assert rel_err(a, b) < 1e-4
 
 
 # ----------------------------------------------------------------------------- GPU

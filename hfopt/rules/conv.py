@@ -3,7 +3,15 @@
 A convolution is bilinear in (input, weight), so its residual is the mixed term
 alone: ``conv_transpose(g, dW)`` towards the input and ``corr(dx, g)`` towards the
 weight.  Transposed products come from ATen's ``convolution_backward`` kernel,
-the same closed-form kernel a first-order backward runs.
+the same closed-form kernel a first-order backward runs; both halves of the
+residual are one call of it, on ``(g, dx, dW)`` in place of ``(h, x, W)``.
+
+With ``channels_last`` set (the engine's choice, see
+:class:`hfopt.CurvatureOperator`) a 2-D convolution holds its input, weight and
+every direction and cotangent it touches in channels-last layout.  oneDNN's
+CPU kernels are 1.3-3.7x faster so, most at few channels (16 channels at
+32x32: 6 ms against 19 ms forward), and the layout then flows through the
+BatchNorm, ReLU and addition rules that follow, which keep it.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ def conv_padding(padding, kernel_size: Sequence[int], dilation: Sequence[int]) -
 
 class ConvRule(Rule):
     param_names = ("weight", "bias")
+    channels_last = False  # set per rule by the engine before forward
 
     def __init__(self, dim: int, stride, padding, dilation, groups: int):
         self.dim = dim
@@ -66,21 +75,37 @@ class ConvRule(Rule):
             False, (0,) * self.dim, self.groups, mask,
         )
 
+    def _layout(self, t: Optional[Tensor]) -> Optional[Tensor]:
+        """``t`` in the rule's layout (no copy when it already is)."""
+        if t is None or not self.channels_last:
+            return t
+        return t.contiguous(memory_format=torch.channels_last)
+
     def forward(self, inputs: Sequence[Tensor], params: Mapping[str, Optional[Tensor]]) -> Tensor:
-        x = inputs[0]
-        self.weight = params["weight"]
+        self.channels_last = self.channels_last and self.dim == 2 and inputs[0].dim() == 4
+        x = self._layout(inputs[0])
+        self.weight = self._layout(params["weight"])
         self.x = x if "weight" in self.trainable else None
         self.in_shape = x.shape
         return self._conv(x, self.weight, params.get("bias"))
 
     def _x_like(self) -> Tensor:
-        # convolution_backward reads only the input's shape when grad_input alone is asked for.
+        # convolution_backward reads only the input's shape (and layout) when
+        # grad_input alone is asked for.
         if self.x is not None:
             return self.x
+        if self.channels_last:
+            return self.weight.new_zeros(()).expand(self.in_shape[0], self.in_shape[2], self.in_shape[3],
+                                                    self.in_shape[1]).permute(0, 3, 1, 2)
         return self.weight.new_zeros(()).expand(self.in_shape)
 
+    def _weight_grad(self, gw: Tensor) -> Tensor:
+        # Parameter-shaped results leave in the parameters' own layout.
+        return gw.contiguous() if self.channels_last else gw
+
     def jvp(self, din: Sequence[Optional[Tensor]], dparams: Mapping[str, Tensor]) -> Tensor:
-        dw, db = dparams.get("weight"), dparams.get("bias")
+        dw, db = self._layout(dparams.get("weight")), dparams.get("bias")
+        din = [self._layout(din[0])]
         out = None
         if dw is not None:  # the bias direction rides along inside the convolution kernel
             out = self._conv(self.x, dw, db)
@@ -100,11 +125,12 @@ class ConvRule(Rule):
         if not any(mask):
             return [None], gp
         x = self.x if mask[1] else self._x_like()
+        g = self._layout(g)
         gx, gw, gb = torch.ops.aten.convolution_backward(
             g, x, self.weight, [g.shape[1]] if mask[2] else None, self.stride, self.padding, self.dilation,
             False, (0,) * self.dim, self.groups, mask)
         if mask[1]:
-            gp["weight"] = gw
+            gp["weight"] = self._weight_grad(gw)
         if mask[2]:
             gp["bias"] = gb
         return [gx], gp
@@ -113,11 +139,12 @@ class ConvRule(Rule):
         return "weight" in self.trainable and self.active[0]
 
     def residual(self, g, din, dparams, need_inputs, need_params) -> Grads:
-        dw = dparams.get("weight")
-        rx = None
-        if need_inputs[0] and dw is not None:
-            rx = self._backward(g, self._x_like(), dw, (True, False, False))[0]
-        rp = {}
-        if "weight" in need_params and din[0] is not None:
-            rp["weight"] = self._backward(g, din[0], self.weight, (False, True, False))[1]
-        return [rx], rp
+        dx, dw = self._layout(din[0]), self._layout(dparams.get("weight"))
+        mask = (bool(need_inputs[0]) and dw is not None, "weight" in need_params and dx is not None, False)
+        if not any(mask):
+            return [None], {}
+        # One kernel call for both mixed terms: its input cotangent is
+        # conv_transpose(g, dW) and its weight cotangent corr(dx, g).
+        rx, rw, _ = self._backward(self._layout(g), self._x_like() if dx is None else dx,
+                                   self.weight if dw is None else dw, mask)
+        return [rx], ({"weight": self._weight_grad(rw)} if mask[1] else {})

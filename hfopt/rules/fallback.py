@@ -62,7 +62,7 @@ class FallbackRule(Rule):
         devices = sorted({t.device.index or 0 for t in list(self.inputs) + list(self.params.values())
                           if isinstance(t, Tensor) and t.device.type == "cuda"})
         self._rng = (devices, torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
-        out = self.fn(self.inputs, self.params)
+        out = self.fn([t.contiguous() if isinstance(t, Tensor) else t for t in self.inputs], self.params)
         if not isinstance(out, Tensor):
             raise TypeError(f"hfopt: {self.label} returned {type(out).__name__}; only single-tensor outputs are supported")
         return out
@@ -85,7 +85,9 @@ class FallbackRule(Rule):
             torch.set_rng_state(cpu)
             for d, state in zip(devices, cuda):
                 torch.cuda.set_rng_state(state, d)
-            return self.fn(inputs, params)
+            # The layer's own code may view() its input: give it the layout it
+            # was written for, not the engine's channels-last one.
+            return self.fn([t.contiguous() if isinstance(t, Tensor) else t for t in inputs], params)
 
     def _primals(self) -> List[Tensor]:
         return [self.inputs[i] for i in self.diff_in] + [self.params[n] for n in self.diff_par]

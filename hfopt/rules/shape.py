@@ -16,6 +16,18 @@ from torch.utils import _pytree as pytree
 from .base import Grads, Input, Rule, sum_to_shape
 
 
+def call_any_layout(fn: Callable, *tensors: Any) -> Any:
+    """``fn(*tensors)``, retried on contiguous copies if it fails on a tensor the
+    engine holds channels-last: a ``view`` written for the model's own
+    (contiguous) activations."""
+    try:
+        return fn(*tensors)
+    except RuntimeError:
+        if all(not isinstance(t, Tensor) or t.is_contiguous() for t in tensors):
+            raise
+    return fn(*[t.contiguous() if isinstance(t, Tensor) else t for t in tensors])
+
+
 def substitute(tree: Any, values: Sequence[Any]) -> Any:
     """Replace every :class:`Input` marker in ``tree`` with ``values[index]``."""
     return pytree.tree_map(lambda a: values[a.index] if isinstance(a, Input) else a, tree)
@@ -29,7 +41,7 @@ class ReshapeRule(Rule):
 
     def forward(self, inputs, params) -> Tensor:
         x = inputs[0]
-        y = self.fn(x)
+        y = call_any_layout(self.fn, x)
         self.in_shape, self.out_shape = x.shape, y.shape
         return y
 
