@@ -46,6 +46,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -72,9 +73,12 @@ from models import MODELS  # noqa: E402
 MiB = 2 ** 20
 
 # ----------------------------------------------------------------------------- targets
-T_GV_RATIO = 0.75       # G@v <= 0.75 x gradient
+# (G@v, H@v) / gradient: issue 12's targets, the ResNets' looser (shortcuts, more
+# convolutions per BatchNorm); other models get the plain-convnet pair.
+RATIO_TARGETS = {"resnet20_bn": (0.9, 1.3), "resnet8_bn": (0.9, 1.3), "resnet18_bn": (0.9, 1.3),
+                 "wrn16_4_bn": (0.9, 1.3)}
+DEFAULT_RATIO_TARGETS = (0.65, 0.9)
 T_GV_SPEEDUP = 2.5      # G@v >= 2.5x faster than torch.func jvp+vjp
-T_HV_RATIO = 1.0        # H@v <= 1.0 x gradient
 T_HV_SPEEDUP = 2.5      # H@v >= 2.5x faster than autograd double backward
 T_BUILD_RATIO = 1.2     # build <= 1.2 x gradient
 T_BN_RES_SPEEDUP = 10.0  # BN residual >= 10x faster than autograd at [128,64,32,32]
@@ -115,9 +119,12 @@ class Timer:
             torch.cuda.synchronize()
 
     def round_robin(self, contenders: Dict[str, Callable], repeats: int, warmup: int = 1,
-                    label: str = "") -> Dict[str, List[float]]:
-        """Seconds per call of each contender, interleaved; the first contender of a
-        round rotates so no one always runs right after the same neighbour."""
+                    label: str = "", block: int = 1) -> Dict[str, List[float]]:
+        """Seconds per call of each contender, interleaved by blocks: a round runs
+        each contender ``block`` times back to back, as CG calls a product, and
+        times the calls after the block's first (which follows another
+        contender).  The first contender of a round rotates so no one always
+        runs right after the same neighbour.  ``block=1`` times every call."""
         names = list(contenders)
         for _ in range(warmup):
             for n in names:
@@ -131,16 +138,19 @@ class Timer:
             k = r % len(names)
             for n in names[k:] + names[:k]:
                 fn = contenders[n]
-                self.sync()
-                f0 = _minflt()
-                c0 = time.process_time()
-                t0 = time.perf_counter()
-                out = fn()
-                self.sync()
-                times[n].append(time.perf_counter() - t0)
-                self.cpu[n].append(time.process_time() - c0)
-                self.faults[n].append(_minflt() - f0)
-                del out
+                for call in range(block):
+                    self.sync()
+                    f0 = _minflt()
+                    c0 = time.process_time()
+                    t0 = time.perf_counter()
+                    out = fn()
+                    self.sync()
+                    t, c, f = time.perf_counter() - t0, time.process_time() - c0, _minflt() - f0
+                    del out
+                    if block == 1 or call > 0:
+                        times[n].append(t)
+                        self.cpu[n].append(c)
+                        self.faults[n].append(f)
             if label:
                 print(f"  [{label}] repeat {r + 1}/{repeats} done", file=sys.stderr, flush=True)
         return times
@@ -386,6 +396,10 @@ def bench_model(name: str, args, device: torch.device, timer: Timer) -> dict:
     n_params = sum(p.numel() for p in params)
 
     base = Baselines(model, loss_fn, x, y)
+    # The eager gradient of a channels-last copy: what the engine's internal
+    # layout would give a user who converted the model (a second, info unit).
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    base_cl = Baselines(model_cl, loss_fn, x.contiguous(memory_format=torch.channels_last), y)
     G = hfopt.GGN(model, loss_fn, x, y)
     H = hfopt.Hessian(model, loss_fn, x, y)
     fallbacks = sorted(set(G.fallbacks))
@@ -396,6 +410,7 @@ def bench_model(name: str, args, device: torch.device, timer: Timer) -> dict:
 
     contenders: Dict[str, Callable] = {
         "grad": base.ag_grad,
+        "grad_channels_last": base_cl.ag_grad,
         "hf_build_ggn": lambda: hfopt.GGN(model, loss_fn, x, y),
         "hf_build_hessian": lambda: hfopt.Hessian(model, loss_fn, x, y),
         "hf_gv": lambda: G @ v,
@@ -410,7 +425,7 @@ def bench_model(name: str, args, device: torch.device, timer: Timer) -> dict:
     }
     print(f"\n[{name}] {n_params:,} parameters, {len(G.steps)} rule steps; timing {len(contenders)} "
           f"contenders x {args.repeats} repeats ...", file=sys.stderr, flush=True)
-    times = timer.round_robin(contenders, args.repeats, warmup=args.warmup, label=name)
+    times = timer.round_robin(contenders, args.repeats, warmup=args.warmup, label=name, block=args.block)
     cpu, faults = timer.cpu, timer.faults
     base.release()
     ms = {k: med_ms(s) for k, s in times.items()}
@@ -428,18 +443,24 @@ def bench_model(name: str, args, device: torch.device, timer: Timer) -> dict:
     def tgt(key, label, ok, target, value):
         return {"key": key, "label": label, "target": target, "value": value, "pass": ok}
 
+    t_gv, t_hv = RATIO_TARGETS.get(name, DEFAULT_RATIO_TARGETS)
+    cl = ms["grad_channels_last"]
     sp_gv = ms["func_gv"] / ms["hf_gv"]
     sp_gv_c = ms["func_gv_cached"] / ms["hf_gv"]
     sp_hv = ms["ag_hv"] / ms["hf_hv"]
     sp_hv_c = ms["ag_hv_cached"] / ms["hf_hv"]
     targets = [
-        tgt("gv_ratio", "G@v / gradient", ms["hf_gv"] / unit <= T_GV_RATIO, f"<= {T_GV_RATIO:.2f}x",
+        tgt("gv_ratio", "G@v / gradient", ms["hf_gv"] / unit <= t_gv, f"<= {t_gv:.2f}x",
             ms["hf_gv"] / unit),
+        tgt("gv_ratio_cl", "  (info) G@v / channels-last gradient", ms["hf_gv"] / cl <= t_gv, f"<= {t_gv:.2f}x",
+            ms["hf_gv"] / cl),
         tgt("gv_vs_func", "G@v speedup vs torch.func jvp+vjp", sp_gv >= T_GV_SPEEDUP, f">= {T_GV_SPEEDUP}x", sp_gv),
         tgt("gv_vs_func_cached", "  (info) vs torch.func jvp + cached vjp", sp_gv_c >= T_GV_SPEEDUP,
             f">= {T_GV_SPEEDUP}x", sp_gv_c),
-        tgt("hv_ratio", "H@v / gradient", ms["hf_hv"] / unit <= T_HV_RATIO, f"<= {T_HV_RATIO:.2f}x",
+        tgt("hv_ratio", "H@v / gradient", ms["hf_hv"] / unit <= t_hv, f"<= {t_hv:.2f}x",
             ms["hf_hv"] / unit),
+        tgt("hv_ratio_cl", "  (info) H@v / channels-last gradient", ms["hf_hv"] / cl <= t_hv, f"<= {t_hv:.2f}x",
+            ms["hf_hv"] / cl),
         tgt("hv_vs_autograd", "H@v speedup vs autograd double backward", sp_hv >= T_HV_SPEEDUP,
             f">= {T_HV_SPEEDUP}x", sp_hv),
         tgt("hv_vs_autograd_cached", "  (info) vs double backward, cached grad graph", sp_hv_c >= T_HV_SPEEDUP,
@@ -470,6 +491,7 @@ def bench_model(name: str, args, device: torch.device, timer: Timer) -> dict:
 
 ROWS = [
     ("grad", "gradient: forward + loss.backward()", None),
+    ("grad_channels_last", "gradient, channels-last model copy", None),
     ("hf_build_ggn", "hfopt GGN build", "build_ggn"),
     ("hf_build_hessian", "hfopt Hessian build", "build_hessian"),
     ("hf_gv", "hfopt G@v", "gv_ratio"),
@@ -498,7 +520,8 @@ def print_model(name: str, r: dict, args, device) -> None:
         line += f" {t[key]['cpu_median']:8.1f} {t[key]['cpu_median'] / t['grad']['cpu_median']:6.2f} " \
                 f"{t[key]['minor_faults_median']:7.0f}"
         print(line)
-    for key in ("gv_vs_func", "gv_vs_func_cached", "hv_vs_autograd", "hv_vs_autograd_cached"):
+    for key in ("gv_ratio_cl", "hv_ratio_cl", "gv_vs_func", "gv_vs_func_cached", "hv_vs_autograd",
+                "hv_vs_autograd_cached"):
         x = tg[key]
         print(f"{x['label']:49s} {x['value']:8.2f}x  {x['target']:>10s}  {status(x['pass'])}")
     m = r["memory_bytes"]
@@ -850,6 +873,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed rounds, median reported (default 7; 3 with --quick)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    ap.add_argument("--block", type=int, default=None,
+                    help="calls of one contender back to back per round, as CG makes them; all but the "
+                         "first are timed (default 3; 2 with --quick; 1: every call timed, pure round-robin)")
     ap.add_argument("--bn-repeats", type=int, default=None, help="rounds for the BatchNorm micro-benchmark "
                     "(default: --repeats)")
     ap.add_argument("--seed", type=int, default=0)
@@ -864,7 +890,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="output path (default benchmarks/results/curvature-<device>.json)")
     args = ap.parse_args(argv)
     args.batch = args.batch or (32 if args.quick else 128)
-    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.block = args.block or (2 if args.quick else 3)
     args.bn_repeats = args.bn_repeats or args.repeats
     if args.profile_only:
         args.profile = True
@@ -885,14 +912,16 @@ def main(argv=None) -> int:
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
+        "batch": args.batch, "repeats": args.repeats, "block": args.block, "warmup": args.warmup,
+        "seed": args.seed,
         "quick": args.quick, "dtype": "float32", "loss": "CrossEntropyLoss", "mode": "train",
         "torch_func_bn": "functional_call with buffer clones created inside the function",
     }
     print(f"hfopt {hfopt.__version__} (git {meta['code'].get('git_head', '?')}"
           f"{', hfopt/ modified' if meta['code'].get('hfopt_dirty') else ''}, sources "
           f"{meta['code']['hfopt_sources_sha256']}) curvature benchmark: torch {torch.__version__}, {args.device}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} repeats (+{args.warmup} warm-up)")
+          f"{torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} rounds of {args.block} back-to-back calls "
+          f"(+{args.warmup} warm-up)")
     load = meta["loadavg_start"]
     if load and os.cpu_count() and load[0] > 0.25 * os.cpu_count():
         print(f"WARNING: load average {load[0]:.2f} on {os.cpu_count()} CPUs: other processes compete for the "

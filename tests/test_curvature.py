@@ -544,11 +544,16 @@ def test_channels_last_views_and_fallbacks():
 
 
 def test_channels_last_default_and_errors():
-    model, x, y = ZOO["conv_bn"]()
+    model, x, y = ZOO["resnet_block"]()
     assert not hfopt.GGN(model, CE, x, y).channels_last  # float64: no oneDNN kernel
     model32 = copy.deepcopy(model).float()
     assert hfopt.GGN(model32, CE, x.float(), y).channels_last  # float32 on the CPU
     assert not hfopt.GGN(model32, CE, x.float(), y, channels_last=False).channels_last
+    pooled = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.LazyLinear(2))
+    xp = torch.randn(2, 3, 8, 8, dtype=torch.float32)
+    pooled(xp)
+    assert not hfopt.GGN(pooled, CE, xp, torch.tensor([0, 1])).channels_last  # the fused pools gather
+    assert hfopt.GGN(pooled, CE, xp, torch.tensor([0, 1]), channels_last=True).channels_last
     with pytest.raises(TypeError, match="channels_last"):
         hfopt.GGN(model, CE, x, y, channels_last="yes")
 
