@@ -14,6 +14,10 @@ needs.  A product ``v -> Bv`` is then
 tensors shaped like the model's trainable parameters, in ``model.parameters()``
 order.
 
+``compile=True`` runs every product through ``torch.compile``
+(:mod:`hfopt.compiled`), falling back to eager products, with a warning, where
+it cannot compile.
+
 ``channels_last`` (default None: automatic, see :func:`_channels_last`) holds
 2-D convolutions and what flows between them in channels-last layout inside
 the engine; the model, its inputs and the results keep their own layout.
@@ -35,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from . import distributed
+from . import compiled, distributed
 from .graph import Graph, Ref, trace
 from .losses import LossCurvature, loss_curvature
 from .rules import (Input, ParamsAsInputs, Rule, fallback_function_rule, fallback_module_rule, function_rule, is_metadata_query,
@@ -143,7 +147,8 @@ class CurvatureOperator(FlatOperator):
     residuals = False
 
     def __init__(self, model: nn.Module, loss_fn: Callable, inputs, targets, *, fuse: bool = True,
-                 channels_last: Optional[bool] = None, process_group: Optional[Any] = None):
+                 channels_last: Optional[bool] = None, compile: bool = False,
+                 process_group: Optional[Any] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"hfopt: model must be an nn.Module, got {type(model).__name__}")
         model = distributed.unwrap(model)  # DistributedDataParallel: its module
@@ -162,6 +167,9 @@ class CurvatureOperator(FlatOperator):
         self.graph: Graph = trace(model, len(inputs))
         self.fallbacks: List[str] = []
         self.fuse = fuse
+        if not isinstance(compile, bool):
+            raise TypeError(f"hfopt: compile must be True or False, got {type(compile).__name__}")
+        self.compile = compile
         self._copies: Dict[int, Tensor] = {}
         self._live: Dict[int, int] = {}  # id(copy) -> id(parameter)
         self._device_type = self.params[0].device.type
@@ -479,14 +487,9 @@ class CurvatureOperator(FlatOperator):
         return self._sum_over_ranks(lambda: self._local_product(v, residuals))
 
     def _local_product(self, v: Vector, residuals: bool) -> Vector:
-        with torch.no_grad(), self._exact_dtypes():
-            v = [self._compute(t) for t in v]
-            dirs = self._jvp_sweep(v, keep=residuals)
-            d_out = dirs.get(self.graph.output.index)
-            if d_out is None:
-                d_out = torch.zeros_like(self.output)
-            u = self.loss_curvature.hvp(self._to_params_dtype(d_out))
-            return self._backward_sweep(self._compute(u), dirs if residuals else None, v)
+        if self.compile:
+            return compiled.product(_sweeps, self, v, residuals)
+        return _sweeps(self, v, residuals)
 
     def diagonal_estimate(self, samples: int = 1, generator: Optional[torch.Generator] = None) -> Vector:
         """Unbiased estimate of the Gauss-Newton diagonal from ``samples`` backward
@@ -514,6 +517,20 @@ class CurvatureOperator(FlatOperator):
                 for t, c in zip(total, contrib):
                     t.add_(c)
         return [t / samples for t in total]
+
+def _sweeps(op: CurvatureOperator, v: Vector, residuals: bool) -> Vector:
+    """One product: the JVP sweep, the loss's output Hessian, the transposed
+    sweep (with the residuals for the Hessian).  A function of the operator, so
+    that ``compile=True`` compiles it once for every operator of a model."""
+    with torch.no_grad(), op._exact_dtypes():
+        v = [op._compute(t) for t in v]
+        dirs = op._jvp_sweep(v, keep=residuals)
+        d_out = dirs.get(op.graph.output.index)
+        if d_out is None:
+            d_out = torch.zeros_like(op.output)
+        u = op.loss_curvature.hvp(op._to_params_dtype(d_out))
+        return op._backward_sweep(op._compute(u), dirs if residuals else None, v)
+
 
 def _autocast_enabled(device_type: str) -> bool:
     try:

@@ -20,6 +20,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..compiled import eager_scatter_add
 from .activations import ReLURule
 from .base import Grads, Rule
 from .batchnorm import BatchNormRule, _sub
@@ -117,7 +118,7 @@ class BNReLUMaxPoolRule(ReLUMaxPoolRule):
             return self.pool.vjp(sparse, [True], ())[0], gp
         dense = bn._affine(None, [(bn.xh, -bn.A * s_xh / bn.m)], -bn.A * s_h / bn.m)
         flat = dense.view(self.idx.shape[:2] + (-1,))
-        flat.scatter_add_(-1, self.idx, sparse.reshape(self.idx.shape))
+        eager_scatter_add(flat, -1, self.idx, sparse.reshape(self.idx.shape))
         return [dense], gp
 
     def has_residual(self) -> bool:
@@ -143,7 +144,7 @@ class BNReLUMaxPoolRule(ReLUMaxPoolRule):
         terms = [(t, c) for t, c in ((dx, P), (bn.xh, R)) if t is not None and c is not None]
         dense = bn._affine(None, terms, S) if (terms or S is not None) else bn.xh.new_zeros(bn.shape)
         if sparse is not None:
-            dense.view(self.idx.shape[:2] + (-1,)).scatter_add_(-1, self.idx, sparse)
+            eager_scatter_add(dense.view(self.idx.shape[:2] + (-1,)), -1, self.idx, sparse)
         return [dense], gp
 
     def _pooled_hessian(self, h, g, dx_p, means, dg, need_params):
@@ -268,7 +269,7 @@ class DataConvBNReLUMaxPoolRule(BNReLUMaxPoolRule):
         gb = torch.zeros(conv.weight.shape[0], dtype=bn.invstd.dtype, device=bn.invstd.device)
         if sparse is not None:
             dense = bn.xh.new_zeros(bn.shape)
-            dense.view(self.idx.shape[:2] + (-1,)).scatter_add_(-1, self.idx, sparse)
+            eager_scatter_add(dense.view(self.idx.shape[:2] + (-1,)), -1, self.idx, sparse)
             if want_w:
                 gw = gw + conv._backward(dense, conv.x, conv.weight, (False, True, False))[1]
             gb = gb + sparse.sum((0, 2))

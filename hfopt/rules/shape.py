@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from ..compiled import eager_index_add
 from .base import Grads, Input, Rule, sum_to_shape
 
 
@@ -189,7 +190,7 @@ class IndexRule(Rule):
             out = g.new_zeros(self.in_shape)
             out[self.value_index] = g
         else:
-            out = g.new_zeros(self.in_shape.numel()).index_add_(0, self.positions.reshape(-1), g.reshape(-1))
+            out = eager_index_add(g.new_zeros(self.in_shape.numel()), 0, self.positions.reshape(-1), g.reshape(-1))
             out = out.view(self.in_shape)
         gin[0] = out
         return gin, {}
