@@ -215,6 +215,9 @@ class HFOptimizer(torch.optim.Optimizer):
             the step counter; a step rejected by the safety checks is logged
             under the number it would have had).
         seed: seed of the generator behind the preconditioner's sampling.
+        compile: build the curvature operators with ``compile=True``: products
+            through ``torch.compile`` (:mod:`hfopt.compiled`), compiled on the
+            first step and reused by every later one of the same batch shape.
         process_group: ``None`` (default): data-parallel over the default group
             when ``torch.distributed`` is initialized with more than one rank;
             a ``ProcessGroup``: over that group; ``False``: one process.
@@ -249,6 +252,7 @@ class HFOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         writer: Any = None,
         seed: int = 0,
+        compile: bool = False,
         process_group: distributed.ProcessGroupArg = None,
     ):
         def number(x) -> bool:
@@ -300,6 +304,8 @@ class HFOptimizer(torch.optim.Optimizer):
             raise ValueError(f"line_search_max_evaluations must be an int >= 1, got {line_search_max_evaluations!r}")
         if not (number(weight_decay) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):
             raise ValueError(f"writer must have an add_scalar method (a SummaryWriter), got {type(writer).__name__}")
         self._dp = distributed.resolve(process_group)
@@ -310,7 +316,7 @@ class HFOptimizer(torch.optim.Optimizer):
             preconditioner_samples=preconditioner_samples, curvature_batch=curvature_batch,
             backtracking=backtracking, backtrack_below_rho=backtrack_below_rho, min_rho=min_rho,
             line_search=line_search, line_search_c=line_search_c, line_search_shrink=line_search_shrink,
-            line_search_max_evaluations=line_search_max_evaluations,
+            line_search_max_evaluations=line_search_max_evaluations, compile=compile,
         )
         self.damping = LevenbergMarquardt(value=damping, decrease=damping_decrease, increase=damping_increase,
                                           minimum=damping_bounds[0], maximum=damping_bounds[1])
@@ -648,7 +654,7 @@ class HFOptimizer(torch.optim.Optimizer):
         try:
             # Data-parallel: the operator of the global curvature batch (one process: called as before).
             spread = {} if self._dp.group is None else {"process_group": self._dp}
-            op = cls(model, loss_fn, cur_inputs, cur_targets, **spread)
+            op = cls(model, loss_fn, cur_inputs, cur_targets, compile=self.options["compile"], **spread)
         except (TypeError, ValueError, RuntimeError) as exc:  # a RuntimeError covers not-implemented ops too
             if distributed.partial_failure(exc):  # other ranks built theirs: every rank abandons the step
                 raise
