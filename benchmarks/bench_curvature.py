@@ -404,9 +404,22 @@ def bench_model(name: str, args, device: torch.device, timer: Timer) -> dict:
     H = hfopt.Hessian(model, loss_fn, x, y)
     fallbacks = sorted(set(G.fallbacks))
     n_steps = len(G.steps)
+    channels_last = G.channels_last
     base.prepare_func_gv_cached()
     base.prepare_ag_hv_cached()
     base.prepare_ag_gv_cached()
+    compile_s = {}
+    if args.compile:
+        # Compiled once per process; the compile time is reported, not timed.
+        Gc = hfopt.GGN(model, loss_fn, x, y, compile=True)
+        Hc = hfopt.Hessian(model, loss_fn, x, y, compile=True)
+        for key, op in (("hf_gv_compiled", Gc), ("hf_hv_compiled", Hc)):
+            t0 = time.perf_counter()
+            op @ v
+            compile_s[key] = time.perf_counter() - t0
+            print(f"  [{name}] {key}: first call (compilation) {compile_s[key]:.1f} s", file=sys.stderr, flush=True)
+        if hfopt.compiled.compile_failure():
+            raise SystemExit(f"--compile: compilation failed ({hfopt.compiled.compile_failure()})")
 
     contenders: Dict[str, Callable] = {
         "grad": base.ag_grad,
@@ -415,6 +428,7 @@ def bench_model(name: str, args, device: torch.device, timer: Timer) -> dict:
         "hf_build_hessian": lambda: hfopt.Hessian(model, loss_fn, x, y),
         "hf_gv": lambda: G @ v,
         "hf_hv": lambda: H @ v,
+        **({"hf_gv_compiled": lambda: Gc @ v, "hf_hv_compiled": lambda: Hc @ v} if args.compile else {}),
         "func_gv": lambda: base.func_gv(v),
         "func_gv_cached": lambda: base.func_gv_cached(v),
         "func_hv": lambda: base.func_hv(v),
@@ -475,9 +489,24 @@ def bench_model(name: str, args, device: torch.device, timer: Timer) -> dict:
         tgt("mem_hessian_2nd", "  (info) Hessian cache / autograd fwd+create_graph", mem_h["total"] <= saved_2nd,
             "<= 1.00x", mem_h["total"] / saved_2nd),
     ]
+    if args.compile:
+        targets += [
+            tgt("gv_ratio_compiled", "G@v, compile=True / gradient", ms["hf_gv_compiled"] / unit <= t_gv,
+                f"<= {t_gv:.2f}x", ms["hf_gv_compiled"] / unit),
+            tgt("hv_ratio_compiled", "H@v, compile=True / gradient", ms["hf_hv_compiled"] / unit <= t_hv,
+                f"<= {t_hv:.2f}x", ms["hf_hv_compiled"] / unit),
+            tgt("gv_vs_func_compiled", "G@v, compile=True, speedup vs torch.func",
+                ms["func_gv"] / ms["hf_gv_compiled"] >= T_GV_SPEEDUP, f">= {T_GV_SPEEDUP}x",
+                ms["func_gv"] / ms["hf_gv_compiled"]),
+            tgt("hv_vs_autograd_compiled", "H@v, compile=True, speedup vs double backward",
+                ms["ag_hv"] / ms["hf_hv_compiled"] >= T_HV_SPEEDUP, f">= {T_HV_SPEEDUP}x",
+                ms["ag_hv"] / ms["hf_hv_compiled"]),
+        ]
     return {
         "params": n_params,
         "steps": n_steps,
+        "compile_seconds": compile_s,
+        "channels_last": channels_last,
         "fallbacks": fallbacks,
         "times_ms": {k: {"median": ms[k], "ratio": ms[k] / unit, "min": min(times[k]) * 1e3,
                          "samples": [t * 1e3 for t in times[k]], "cpu_median": med_ms(cpu[k]),
@@ -496,6 +525,8 @@ ROWS = [
     ("hf_build_hessian", "hfopt Hessian build", "build_hessian"),
     ("hf_gv", "hfopt G@v", "gv_ratio"),
     ("hf_hv", "hfopt H@v", "hv_ratio"),
+    ("hf_gv_compiled", "hfopt G@v, compile=True", "gv_ratio_compiled"),
+    ("hf_hv_compiled", "hfopt H@v, compile=True", "hv_ratio_compiled"),
     ("func_gv", "torch.func GGN  jvp + vjp", None),
     ("func_gv_cached", "torch.func GGN  jvp + cached vjp", None),
     ("func_hv", "torch.func H    fwd-over-rev", None),
@@ -510,18 +541,23 @@ def print_model(name: str, r: dict, args, device) -> None:
     t = r["times_ms"]
     tg = {x["key"]: x for x in r["targets"]}
     print(f"\n=== {name}: batch {args.batch}x3x32x32 float32, {device.type}, {torch.get_num_threads()} threads, "
-          f"{r['params']:,} params, {r['steps']} rule steps"
+          f"{r['params']:,} params, {r['steps']} rule steps, engine layout "
+          f"{'channels-last' if r['channels_last'] else 'contiguous'}"
           + (f", FALLBACKS: {r['fallbacks']}" if r["fallbacks"] else "") + " ===")
     print(f"{'contender':40s} {'median ms':>10s} {'x grad':>8s}   {'target':>10s}  {'status':6s} "
           f"{'cpu ms':>8s} {'cpu x':>6s} {'faults':>7s}")
     for key, label, tkey in ROWS:
+        if key not in t:  # the compiled rows without --compile
+            continue
         line = f"{label:40s} {t[key]['median']:10.1f} {t[key]['ratio']:8.2f}"
         line += (f"   {tg[tkey]['target']:>10s}  {status(tg[tkey]['pass']):6s}" if tkey else " " * 21)
         line += f" {t[key]['cpu_median']:8.1f} {t[key]['cpu_median'] / t['grad']['cpu_median']:6.2f} " \
                 f"{t[key]['minor_faults_median']:7.0f}"
         print(line)
     for key in ("gv_ratio_cl", "hv_ratio_cl", "gv_vs_func", "gv_vs_func_cached", "hv_vs_autograd",
-                "hv_vs_autograd_cached"):
+                "hv_vs_autograd_cached", "gv_vs_func_compiled", "hv_vs_autograd_compiled"):
+        if key not in tg:
+            continue
         x = tg[key]
         print(f"{x['label']:49s} {x['value']:8.2f}x  {x['target']:>10s}  {status(x['pass'])}")
     m = r["memory_bytes"]
@@ -887,6 +923,8 @@ def main(argv=None) -> int:
                     help="torch.profiler over 5 G@v and 5 H@v on the first model: top-20 ops by self CPU time")
     ap.add_argument("--profile-only", action="store_true", help="only --check/--profile, no timing table")
     ap.add_argument("--skip-bn", action="store_true", help="skip the BatchNorm micro-benchmark")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time compile=True operators (torch.compile; compilation reported, not timed)")
     ap.add_argument("--json", default=None, help="output path (default benchmarks/results/curvature-<device>.json)")
     args = ap.parse_args(argv)
     args.batch = args.batch or (32 if args.quick else 128)
@@ -914,7 +952,7 @@ def main(argv=None) -> int:
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "batch": args.batch, "repeats": args.repeats, "block": args.block, "warmup": args.warmup,
         "seed": args.seed,
-        "quick": args.quick, "dtype": "float32", "loss": "CrossEntropyLoss", "mode": "train",
+        "quick": args.quick, "compile": args.compile, "dtype": "float32", "loss": "CrossEntropyLoss", "mode": "train",
         "torch_func_bn": "functional_call with buffer clones created inside the function",
     }
     print(f"hfopt {hfopt.__version__} (git {meta['code'].get('git_head', '?')}"
