@@ -175,7 +175,7 @@ class CurvatureOperator(FlatOperator):
         self._device_type = self.params[0].device.type
         self.compute_dtype: Optional[torch.dtype] = _autocast_dtype(self._device_type, self.params[0].dtype)
         self.channels_last = _channels_last(channels_last, self._device_type,
-                                            self.compute_dtype or self.params[0].dtype, self.graph)
+                                            self.compute_dtype or self.params[0].dtype)
         with torch.no_grad(), self._exact_dtypes():
             try:
                 output = self._forward(inputs)
@@ -552,33 +552,17 @@ def _autocast_dtype(device_type: str, param_dtype: torch.dtype) -> Optional[torc
     return None if dtype == param_dtype else dtype
 
 
-_MAX_POOL_FUNCTIONS = (torch.nn.functional.max_pool2d, torch.max_pool2d)
-
-
-def _channels_last(asked: Optional[bool], device_type: str, dtype: torch.dtype, graph: Graph) -> bool:
+def _channels_last(asked: Optional[bool], device_type: str, dtype: torch.dtype) -> bool:
     """Whether 2-D convolutions run channels-last (:mod:`hfopt.rules.conv`).
     ``None`` picks it for float32 and bfloat16 on the CPU, where oneDNN was
-    measured faster, unless the model max-pools: the fused max-pool rules
-    gather along the positions, which channels-last strides by the channel
-    count (c3d3_bn's G@v went from 0.68x to 0.85x a gradient).  Not for float64
-    (no oneDNN kernel), and not on CUDA, where the fused Triton BatchNorm
-    kernels read ``[N, C, M]``-contiguous tensors and would copy channels-last
-    ones."""
+    measured faster; not for float64 (no oneDNN kernel), and not on CUDA, where
+    the fused Triton BatchNorm kernels read ``[N, C, M]``-contiguous tensors and
+    would copy channels-last ones."""
     if asked is not None:
         if not isinstance(asked, bool):
             raise TypeError(f"hfopt: channels_last must be True, False or None, got {type(asked).__name__}")
         return asked
-    if device_type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        return False
-    return not any(isinstance(n.target, nn.MaxPool2d) if n.op == "module" else _is_max_pool(n.target)
-                   for n in graph.nodes)
-
-
-def _is_max_pool(target: Any) -> bool:
-    try:
-        return target in _MAX_POOL_FUNCTIONS
-    except TypeError:  # unhashable target
-        return False
+    return device_type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
 
 def _check_dtypes(named: List) -> None:

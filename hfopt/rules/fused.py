@@ -27,6 +27,52 @@ from .batchnorm import BatchNormRule, _sub
 from .pooling import MaxPoolRule
 
 
+class PooledLayout:
+    """How a fused rule holds values at the pooled positions: ``[N, C, P]``
+    when the maps are contiguous, ``[N, P, C]`` when the engine holds them
+    channels-last.  Either way gathers and scatters run along the positions
+    with the channels laid out as in memory: a channels-last map read as
+    ``[N, C, P]`` would put the channel count between neighbouring positions."""
+
+    def __init__(self, idx: Tensor, channels_last: bool):
+        self.channels_last = channels_last
+        self.pos_dim = 1 if channels_last else 2
+        self.sum_dims = (0, self.pos_dim)
+        self.map_shape = idx.shape
+        self.idx = self.rows(idx).contiguous()
+
+    def rows(self, t: Tensor) -> Tensor:
+        """A map ``[N, C, H, W]`` as ``[N, C, HW]`` or ``[N, HW, C]`` (a view
+        when the map is in this layout)."""
+        n, c = t.shape[:2]
+        return t.permute(0, 2, 3, 1).reshape(n, -1, c) if self.channels_last else t.reshape(n, c, -1)
+
+    def gather(self, t: Tensor) -> Tensor:
+        return self.rows(t).gather(self.pos_dim, self.idx)
+
+    def to_map(self, p: Tensor) -> Tensor:
+        """Pooled values as the pooled map ``[N, C, Ho, Wo]`` (no copy)."""
+        if not self.channels_last:
+            return p.view(self.map_shape)
+        n, c, ho, wo = self.map_shape
+        return p.view(n, ho, wo, c).permute(0, 3, 1, 2)
+
+    def channel(self, coef: Tensor) -> Tensor:
+        """A per-channel vector, broadcastable against pooled values."""
+        return coef.view(1, 1, -1) if self.channels_last else coef.view(1, -1, 1)
+
+    def scatter_into(self, dense: Tensor, sparse: Tensor) -> Tensor:
+        """``dense`` (a full map) plus ``sparse`` scattered to the argmax positions."""
+        dense = dense.contiguous(memory_format=torch.channels_last if self.channels_last else
+                                 torch.contiguous_format)
+        eager_scatter_add(self.rows(dense), self.pos_dim, self.idx, sparse)
+        return dense
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 class ReLUMaxPoolRule(Rule):
     """``maxpool(relu(x))``: mask the pooled values, never the full map."""
 
@@ -34,14 +80,23 @@ class ReLUMaxPoolRule(Rule):
         self.pool = pool
         self.active = [True]
         self.trainable = ()
-        n, c = pool.idx.shape[:2]
-        self.idx = pool.idx.reshape(n, c, -1)
+        self.layout = PooledLayout(pool.idx, _is_channels_last(relu.y))
         # Pooled ReLU output: positive exactly where the ReLU passed the argmax.
-        self.y = relu.y.reshape(n, c, -1).gather(-1, self.idx)
-        self.out_shape = pool.out_shape
+        self.y = self._gather(relu.y)
 
     def _gather(self, t: Tensor) -> Tensor:
-        return t.reshape(self.idx.shape[:2] + (-1,)).gather(-1, self.idx)
+        return self.layout.gather(t)
+
+    def _c(self, coef: Tensor) -> Tensor:
+        return self.layout.channel(coef)
+
+    def _sum(self, t: Tensor) -> Tensor:
+        """Per-channel sum of pooled values."""
+        return t.sum(self.layout.sum_dims)
+
+    def _pooled(self, g: Tensor) -> Tensor:
+        """A cotangent of the pooled map, as pooled values."""
+        return self.layout.rows(g)
 
     def _mask(self, t: Tensor) -> Tensor:
         return torch.ops.aten.threshold_backward(t, self.y, 0)
@@ -50,12 +105,12 @@ class ReLUMaxPoolRule(Rule):
         raise RuntimeError("fused rules are assembled from rules that already ran forward")
 
     def jvp(self, din, dparams) -> Tensor:
-        return self._mask(self._gather(din[0])).view(self.out_shape)
+        return self.layout.to_map(self._mask(self._gather(din[0])))
 
     def vjp(self, g, need_inputs, need_params) -> Grads:
         if not need_inputs[0]:
             return [None], {}
-        return self.pool.vjp(self._mask(g.reshape(self.y.shape)).view(self.out_shape), [True], ())
+        return self.pool.vjp(self.layout.to_map(self._mask(self._pooled(g))), [True], ())
 
 
 class BNReLUMaxPoolRule(ReLUMaxPoolRule):
@@ -70,9 +125,6 @@ class BNReLUMaxPoolRule(ReLUMaxPoolRule):
         self.trainable = bn.trainable
         self.xh_p = self._gather(bn.xh) if bn.xh is not None else None
         self._g = None
-
-    def _c(self, coef: Tensor) -> Tensor:
-        return coef.view(1, -1, 1)
 
     def jvp(self, din: Sequence[Optional[Tensor]], dparams: Mapping[str, Tensor]) -> Tensor:
         dx = din[0]
@@ -98,14 +150,14 @@ class BNReLUMaxPoolRule(ReLUMaxPoolRule):
             out = t if out is None else out.add_(t)
         if const is not None:
             out = self._c(const).expand(self.y.shape).clone() if out is None else out.add_(self._c(const))
-        return self._mask(out).view(self.out_shape)
+        return self.layout.to_map(self._mask(out))
 
     def vjp(self, g: Tensor, need_inputs: Sequence[bool], need_params: Sequence[str]) -> Grads:
         bn = self.bn
-        hm = self._mask(g.reshape(self.y.shape))
+        hm = self._mask(self._pooled(g))
         # Channel sums of the scattered cotangent, taken on the pooled positions.
-        s_h = hm.sum((0, 2))
-        s_xh = (hm * self.xh_p).sum((0, 2)) if (bn.batch_stats or "weight" in need_params) else None
+        s_h = self._sum(hm)
+        s_xh = self._sum(hm * self.xh_p) if (bn.batch_stats or "weight" in need_params) else None
         gp = {}
         if "weight" in need_params:
             gp["weight"] = s_xh
@@ -113,20 +165,18 @@ class BNReLUMaxPoolRule(ReLUMaxPoolRule):
             gp["bias"] = s_h
         if not need_inputs[0]:
             return [None], gp
-        sparse = (hm * self._c(bn.A)).view(self.out_shape)
+        sparse = hm * self._c(bn.A)
         if not bn.batch_stats:
-            return self.pool.vjp(sparse, [True], ())[0], gp
+            return self.pool.vjp(self.layout.to_map(sparse), [True], ())[0], gp
         dense = bn._affine(None, [(bn.xh, -bn.A * s_xh / bn.m)], -bn.A * s_h / bn.m)
-        flat = dense.view(self.idx.shape[:2] + (-1,))
-        eager_scatter_add(flat, -1, self.idx, sparse.reshape(self.idx.shape))
-        return [dense], gp
+        return [self.layout.scatter_into(dense, sparse)], gp
 
     def has_residual(self) -> bool:
         return self.bn.has_residual()
 
     def _expand(self, t: Tensor) -> Tensor:
         """A pooled-side cotangent as the dense cotangent at BatchNorm's output."""
-        return self.pool.vjp(self._mask(t.reshape(self.y.shape)).view(self.out_shape), [True], ())[0][0]
+        return self.pool.vjp(self.layout.to_map(self._mask(self._pooled(t))), [True], ())[0][0]
 
     def hessian_vjp(self, h, g, din, dparams, need_inputs, need_params) -> Grads:
         bn = self.bn
@@ -142,9 +192,9 @@ class BNReLUMaxPoolRule(ReLUMaxPoolRule):
         if not need_inputs[0]:
             return [None], gp
         terms = [(t, c) for t, c in ((dx, P), (bn.xh, R)) if t is not None and c is not None]
-        dense = bn._affine(None, terms, S) if (terms or S is not None) else bn.xh.new_zeros(bn.shape)
+        dense = bn._affine(None, terms, S) if (terms or S is not None) else torch.zeros_like(bn.xh)
         if sparse is not None:
-            eager_scatter_add(dense.view(self.idx.shape[:2] + (-1,)), -1, self.idx, sparse)
+            dense = self.layout.scatter_into(dense, sparse)
         return [dense], gp
 
     def _pooled_hessian(self, h, g, dx_p, means, dg, need_params):
@@ -154,20 +204,20 @@ class BNReLUMaxPoolRule(ReLUMaxPoolRule):
         computed there and scattered once."""
         bn = self.bn
         if self._g is not g:  # the gradient is fixed for the operator's lifetime
-            g_p = self._mask(g.reshape(self.y.shape))
+            g_p = self._mask(self._pooled(g))
             self._g, self._g_p = g, g_p
-            self._g_means = (g_p.sum((0, 2)) / bn.m, (g_p * self.xh_p).sum((0, 2)) / bn.m)
+            self._g_means = (self._sum(g_p) / bn.m, self._sum(g_p * self.xh_p) / bn.m)
         gm, a = self._g_means
         stats = None
         if dx_p is not None:
             b, d = means
-            stats = (d, b, (self._g_p * dx_p).sum((0, 2)) / bn.m)
+            stats = (d, b, self._sum(self._g_p * dx_p) / bn.m)
         P, Q, R, S, rgamma = bn.coefficients(gm, a, stats, dg)
         gp = {}
         sparse = None
         if h is not None:  # J^T h = A h - A <xh h> xh - A <h>
-            h_p = self._mask(h.reshape(self.y.shape))
-            s_h, s_xh = h_p.sum((0, 2)), (h_p * self.xh_p).sum((0, 2))
+            h_p = self._mask(self._pooled(h))
+            s_h, s_xh = self._sum(h_p), self._sum(h_p * self.xh_p)
             if "weight" in need_params:
                 gp["weight"] = s_xh
             if "bias" in need_params:
@@ -268,11 +318,10 @@ class DataConvBNReLUMaxPoolRule(BNReLUMaxPoolRule):
         gw = torch.zeros_like(conv.weight) if want_w else None
         gb = torch.zeros(conv.weight.shape[0], dtype=bn.invstd.dtype, device=bn.invstd.device)
         if sparse is not None:
-            dense = bn.xh.new_zeros(bn.shape)
-            eager_scatter_add(dense.view(self.idx.shape[:2] + (-1,)), -1, self.idx, sparse)
+            dense = self.layout.scatter_into(torch.zeros_like(bn.xh), sparse)
             if want_w:
                 gw = gw + conv._backward(dense, conv.x, conv.weight, (False, True, False))[1]
-            gb = gb + sparse.sum((0, 2))
+            gb = gb + self._sum(sparse)
         if R is not None:
             if want_w:
                 gw = gw + R.view(c4) * self.K1
@@ -299,8 +348,8 @@ class DataConvBNReLUMaxPoolRule(BNReLUMaxPoolRule):
 
     def vjp(self, g, need_inputs, need_params) -> Grads:
         bn = self.bn
-        h_p = self._mask(g.reshape(self.y.shape))
-        s_h, s_xh = h_p.sum((0, 2)), (h_p * self.xh_p).sum((0, 2))
+        h_p = self._mask(self._pooled(g))
+        s_h, s_xh = self._sum(h_p), self._sum(h_p * self.xh_p)
         gp = {}
         if "bn.weight" in need_params:
             gp["bn.weight"] = s_xh
