@@ -41,7 +41,7 @@ from torch.utils import _pytree as pytree
 
 from . import compiled, distributed
 from .graph import Graph, Ref, trace
-from .losses import LossCurvature, loss_curvature
+from .losses import loss_curvature
 from .rules import (Input, ParamsAsInputs, Rule, fallback_function_rule, fallback_module_rule, function_rule, is_metadata_query,
                     module_rule)
 from .rules.base import add_optional

@@ -654,7 +654,9 @@ class HFOptimizer(torch.optim.Optimizer):
         try:
             # Data-parallel: the operator of the global curvature batch (one process: called as before).
             spread = {} if self._dp.group is None else {"process_group": self._dp}
-            op = cls(model, loss_fn, cur_inputs, cur_targets, compile=self.options["compile"], **spread)
+            if self.options["compile"]:
+                spread["compile"] = True
+            op = cls(model, loss_fn, cur_inputs, cur_targets, **spread)
         except (TypeError, ValueError, RuntimeError) as exc:  # a RuntimeError covers not-implemented ops too
             if distributed.partial_failure(exc):  # other ranks built theirs: every rank abandons the step
                 raise

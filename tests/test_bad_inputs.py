@@ -235,17 +235,23 @@ BUILD_CASES = {
                                r"MSELoss target: shape \(6, 2\) must equal the output shape \(6, 3\)"),
     "bce-target-wrong-shape": (lambda: (_model(), nn.BCEWithLogitsLoss(), _data()[0], torch.zeros(5, 3)),
                                ValueError, r"BCEWithLogitsLoss target: shape \(5, 3\)"),
+    # A fifth element: keyword arguments of the operator.
+    "op-channels-last-not-bool": (lambda: (_model(), CE, *_data(), {"channels_last": "yes"}), TypeError,
+                                  r"channels_last must be True, False or None, got str"),
+    "op-compile-not-bool": (lambda: (_model(), CE, *_data(), {"compile": 1}), TypeError,
+                            r"compile must be True or False, got int"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BUILD_CASES))
 def test_operator_build_errors(case):
     make, exc, pattern = BUILD_CASES[case]
-    model, loss_fn, x, y = make()
+    model, loss_fn, x, y, *options = make()
+    kwargs = options[0] if options else {}
     before = _state(model) if isinstance(model, nn.Module) else None
     for cls in (hfopt.GGN, hfopt.Hessian):
         with pytest.raises(exc, match=pattern):
-            cls(model, loss_fn, x, y)
+            cls(model, loss_fn, x, y, **kwargs)
     if before is not None:
         assert_same_tensors(_state(model), before)
 

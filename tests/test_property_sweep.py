@@ -17,6 +17,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from typing import Optional
 
 import pytest
 import torch
@@ -76,13 +77,13 @@ def _worst(kind: str, err: float, spec: ModelSpec) -> float:
     return err
 
 
-def _build(cls, model, loss_fn, x, y, fuse: bool):
+def _build(cls, model, loss_fn, x, y, fuse: bool, channels_last: Optional[bool] = None):
     """The operator, the dropout mask drawn as the references draw it, and
     whether a fallback warning was issued."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.manual_seed(DROPOUT_SEED)
-        op = cls(model, loss_fn, x, y, fuse=fuse)
+        op = cls(model, loss_fn, x, y, fuse=fuse, channels_last=channels_last)
     warned = any(FALLBACK_WARNING in str(w.message) for w in caught)
     return op, warned
 
@@ -140,10 +141,11 @@ def check_model(spec: ModelSpec) -> None:
     want = _references(model, loss_fn, x, y, v)
     assert_state_equal(model, snap)
     fallbacks, rules = set(), set()
-    for fuse in (True, False):
+    # float64 runs contiguous by default; the channels-last path is forced once, fused.
+    for fuse, layout in ((True, None), (False, None), (True, True)):
         for kind, cls in (("ggn", hfopt.GGN), ("hessian", hfopt.Hessian)):
-            tag = f"{kind} fuse={fuse}"
-            op, warned = _build(cls, model, loss_fn, x, y, fuse)
+            tag = f"{kind} fuse={fuse} channels_last={layout}"
+            op, warned = _build(cls, model, loss_fn, x, y, fuse, layout)
             # SweepNet is written to be traced: a whole-model fallback would hide every rule.
             assert op.graph.traced, f"fx could not trace the model: {op.graph.reason}"
             assert warned == bool(op.fallbacks), \

@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-import torch
 from torch import Tensor
 from torch.nn import functional as F
 

@@ -34,11 +34,11 @@ class PooledLayout:
     with the channels laid out as in memory: a channels-last map read as
     ``[N, C, P]`` would put the channel count between neighbouring positions."""
 
-    def __init__(self, idx: Tensor, channels_last: bool):
+    def __init__(self, idx: Tensor, out_shape: torch.Size, channels_last: bool):
         self.channels_last = channels_last
         self.pos_dim = 1 if channels_last else 2
         self.sum_dims = (0, self.pos_dim)
-        self.map_shape = idx.shape
+        self.map_shape = out_shape  # the pool's output (3-D for a 1-D pool, whose indices are 4-D)
         self.idx = self.rows(idx).contiguous()
 
     def rows(self, t: Tensor) -> Tensor:
@@ -80,7 +80,7 @@ class ReLUMaxPoolRule(Rule):
         self.pool = pool
         self.active = [True]
         self.trainable = ()
-        self.layout = PooledLayout(pool.idx, _is_channels_last(relu.y))
+        self.layout = PooledLayout(pool.idx, pool.out_shape, _is_channels_last(relu.y))
         # Pooled ReLU output: positive exactly where the ReLU passed the argmax.
         self.y = self._gather(relu.y)
 

@@ -7,7 +7,7 @@ average poolings' transposed products are ATen's own backward kernels.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
