@@ -114,10 +114,10 @@ class BatchNormRule(Rule):
             self.invstd = torch.rsqrt(var + self.eps)
             return channel_normalize(x, mean, self.invstd, self.gamma, beta)
         if self.batch_stats:
-            # var_mean's Welford reduction, not ATen's fused batch norm: in float32
-            # the fused kernel's sums are off by about 3e-8 (contiguous) to 3e-6
-            # (channels-last) relative, which a ResNet-20 amplifies into a 2e-4
-            # (2.5e-3) error of every product; var_mean gives 1.6e-6 there.
+            # var_mean's Welford reduction, not ATen's fused batch norm, whose
+            # float32 channels-last statistics are far less accurate; a ResNet
+            # amplifies that into every product (bench_mixed_precision.py
+            # measures both).
             var, mean = torch.var_mean(x, self.dims, correction=0)
             self.invstd = torch.rsqrt(var + self.eps)
             return (x - self._c(mean)) * self._c(self.invstd), None

@@ -8,10 +8,11 @@ residual are one call of it, on ``(g, dx, dW)`` in place of ``(h, x, W)``.
 
 With ``channels_last`` set (the engine's choice, see
 :class:`hfopt.CurvatureOperator`) a 2-D convolution holds its input, weight and
-every direction and cotangent it touches in channels-last layout.  oneDNN's
-CPU kernels are 1.3-3.7x faster so, most at few channels (16 channels at
-32x32: 6 ms against 19 ms forward), and the layout then flows through the
-BatchNorm, ReLU and addition rules that follow, which keep it.
+every direction and cotangent it touches in channels-last layout, where
+oneDNN's CPU kernels are faster (``bench_curvature.py`` times the gradient of
+a channels-last copy of each model next to the contiguous one); the layout
+then flows through the BatchNorm, ReLU and addition rules that follow, which
+keep it.
 """
 from __future__ import annotations
 
