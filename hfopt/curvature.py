@@ -208,6 +208,11 @@ class CurvatureOperator(FlatOperator):
             return t
         return t.to(self.compute_dtype)
 
+    def _layout(self, t: Tensor) -> Tensor:
+        """A direction in the layout the convolution rules hold their weights in:
+        converted once per product, not once per rule method."""
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last and t.dim() == 4 else t
+
     def _to_params_dtype(self, t: Tensor) -> Tensor:
         return t if self.compute_dtype is None else t.to(self.params[0].dtype)
 
@@ -440,6 +445,7 @@ class CurvatureOperator(FlatOperator):
         for i, idx in self._param_nodes.items():
             if i in cot:
                 grads[idx] = add_optional(grads[idx], cot[i])
+        # Channels-last weight cotangents leave in the parameters' own layout.
         return [torch.zeros_like(p) if g is None else g.reshape(p.shape).to(p.dtype).contiguous()
                 for p, g in zip(self.params, grads)]
 
@@ -523,7 +529,7 @@ def _sweeps(op: CurvatureOperator, v: Vector, residuals: bool) -> Vector:
     sweep (with the residuals for the Hessian).  A function of the operator, so
     that ``compile=True`` compiles it once for every operator of a model."""
     with torch.no_grad(), op._exact_dtypes():
-        v = [op._compute(t) for t in v]
+        v = [op._layout(op._compute(t)) for t in v]
         dirs = op._jvp_sweep(v, keep=residuals)
         d_out = dirs.get(op.graph.output.index)
         if d_out is None:

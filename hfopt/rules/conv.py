@@ -100,10 +100,6 @@ class ConvRule(Rule):
                                                     self.in_shape[1]).permute(0, 3, 1, 2)
         return self.weight.new_zeros(()).expand(self.in_shape)
 
-    def _weight_grad(self, gw: Tensor) -> Tensor:
-        # Parameter-shaped results leave in the parameters' own layout.
-        return gw.contiguous() if self.channels_last else gw
-
     def jvp(self, din: Sequence[Optional[Tensor]], dparams: Mapping[str, Tensor]) -> Tensor:
         dw, db = self._layout(dparams.get("weight")), dparams.get("bias")
         din = [self._layout(din[0])]
@@ -131,7 +127,7 @@ class ConvRule(Rule):
             g, x, self.weight, [g.shape[1]] if mask[2] else None, self.stride, self.padding, self.dilation,
             False, (0,) * self.dim, self.groups, mask)
         if mask[1]:
-            gp["weight"] = self._weight_grad(gw)
+            gp["weight"] = gw
         if mask[2]:
             gp["bias"] = gb
         return [gx], gp
@@ -148,4 +144,4 @@ class ConvRule(Rule):
         # conv_transpose(g, dW) and its weight cotangent corr(dx, g).
         rx, rw, _ = self._backward(self._layout(g), self._x_like() if dx is None else dx,
                                    self.weight if dw is None else dw, mask)
-        return [rx], ({"weight": self._weight_grad(rw)} if mask[1] else {})
+        return [rx], ({"weight": rw} if mask[1] else {})
