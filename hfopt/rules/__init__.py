@@ -14,13 +14,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .activations import activation_rule, module_activation
+from .activations import function_activation, module_activation
 from .base import Input, Rule
 from .batchnorm import BatchNormRule
 from .conv import ConvRule
 from .fallback import FallbackRule, call_function, module_function
 from .linear import LinearRule
-from .pooling import AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule, module_pooling
+from .normalization import function_normalization, module_normalization
+from .pooling import AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule, function_pooling, module_pooling
+from .resample import function_resample, module_resample
 from .functional import ParamsAsInputs, functional_layer_rule
 from .shape import (CatRule, DivRule, DropoutRule, IndexRule, PermuteRule, ReduceRule, ReshapeRule, ScaleRule,
                     arithmetic_rule, substitute)
@@ -54,7 +56,8 @@ def module_rule(module: nn.Module) -> Optional[Rule]:
         if not module.training or module.p == 0:
             return ReshapeRule()
         return DropoutRule(module.p) if type(module) is nn.Dropout else None
-    return module_activation(module) or module_pooling(module)
+    return module_activation(module) or module_pooling(module) or module_normalization(module) or \
+        module_resample(module)
 
 
 def has_module_rule(module: nn.Module) -> bool:
@@ -74,12 +77,6 @@ def _name(target: Any) -> str:
     return getattr(target, "__name__", None) or repr(target)
 
 
-_ACTIVATIONS = {
-    F.relu: "relu", torch.relu: "relu", torch.Tensor.relu: "relu",
-    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid",
-    torch.tanh: "tanh", F.tanh: "tanh", torch.Tensor.tanh: "tanh",
-    F.silu: "silu", F.gelu: "gelu", F.leaky_relu: "leaky_relu", F.elu: "elu",
-}
 # Maps that only change the shape, squeeze/unsqueeze included: the transpose reshapes back.
 _RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.reshape, torch.Tensor.reshape, torch.Tensor.view,
              torch.Tensor.contiguous, torch.squeeze, torch.Tensor.squeeze, torch.unsqueeze, torch.Tensor.unsqueeze}
@@ -90,12 +87,6 @@ _REDUCTIONS = {torch.mean: True, torch.Tensor.mean: True, torch.sum: False, torc
 _NEGATIONS = {operator.neg, torch.neg, torch.Tensor.neg, torch.Tensor.__neg__}
 _DIVISIONS = {operator.truediv, operator.itruediv, torch.div, torch.Tensor.div, torch.Tensor.div_,
               torch.true_divide, torch.Tensor.__truediv__}
-_POOLS = {
-    F.max_pool1d: (MaxPoolRule, 1), F.max_pool2d: (MaxPoolRule, 2),
-    torch.max_pool1d: (MaxPoolRule, 1), torch.max_pool2d: (MaxPoolRule, 2),
-    F.avg_pool1d: (AvgPoolRule, 1), F.avg_pool2d: (AvgPoolRule, 2),
-    F.adaptive_avg_pool1d: (AdaptiveAvgPoolRule, 1), F.adaptive_avg_pool2d: (AdaptiveAvgPoolRule, 2),
-}
 
 
 # Queries of a tensor's metadata: their results are numbers (sizes, dims, dtypes),
@@ -128,29 +119,29 @@ def function_rule(target: Callable, args: tuple, kwargs: dict, values: Sequence[
     (tensors already replaced by :class:`Input` markers; ``values`` and
     ``active`` are those tensors and whether each carries a direction), or None."""
     try:
-        kind = _ACTIVATIONS.get(target)
-        pool = _POOLS.get(target)
+        hash(target)
     except TypeError:  # unhashable target
         return None
-    rule = functional_layer_rule(target, args, kwargs, values, active) or _glue_rule(target, args, kwargs)
+    for family in (functional_layer_rule, function_normalization, function_resample):
+        rule = family(target, args, kwargs, values, active)
+        if rule is not None:
+            return rule
+    rule = _glue_rule(target, args, kwargs)
     if rule is not None:
         return rule
     kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # rules never write in place
-    if kind is not None and _single_input(args):
-        # F.leaky_relu(x, 0.2) / F.elu(x, 1.0) pass their constant positionally.
-        extra = dict(zip({"leaky_relu": ("negative_slope",), "elu": ("alpha",),
-                          "gelu": ("approximate",)}.get(kind, ()), args[1:]))
-        extra.update(kwargs)
-        return activation_rule(kind, **extra)
-    if target in _RESHAPES and _single_input(args):
+    if not _single_input(args):
+        return _multi_input_rule(target, args, kwargs)
+    rule = function_activation(target, args, kwargs) or function_pooling(target, args, kwargs)
+    if rule is not None:
+        return rule
+    if target in _RESHAPES:
         rest, kw = args[1:], kwargs
         return ReshapeRule(lambda x: target(x, *rest, **kw))
-    if pool is not None and _single_input(args):
-        cls, dim = pool
-        if cls is MaxPoolRule and (kwargs.get("return_indices") or (len(args) > 6 and args[6])):
-            return None
-        kw = {k: v for k, v in kwargs.items() if k != "return_indices"}
-        return cls(dim, *args[1:6 if cls is MaxPoolRule else None], **kw)
+    return _multi_input_rule(target, args, kwargs)
+
+
+def _multi_input_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rule]:
     if target is torch.cat and args and isinstance(args[0], (list, tuple)):
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         return CatRule(args[0], dim)

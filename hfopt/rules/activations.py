@@ -183,3 +183,24 @@ def module_activation(module: nn.Module) -> Optional[Rule]:
     if isinstance(module, nn.ELU):
         return activation_rule("elu", alpha=module.alpha)
     return None
+
+
+_FUNCTIONS = {
+    F.relu: "relu", torch.relu: "relu", torch.Tensor.relu: "relu",
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid",
+    torch.tanh: "tanh", F.tanh: "tanh", torch.Tensor.tanh: "tanh",
+    F.silu: "silu", F.gelu: "gelu", F.leaky_relu: "leaky_relu", F.elu: "elu",
+}
+# The constants each functional form takes positionally after x (F.leaky_relu(x, 0.2)).
+_POSITIONAL = {"leaky_relu": ("negative_slope",), "elu": ("alpha",), "gelu": ("approximate",)}
+
+
+def function_activation(target, args: tuple, kwargs: dict) -> Optional[Rule]:
+    """The rule of a functional activation ``target(x, ...)`` (``x`` the only
+    tensor argument, ``inplace`` already dropped), or None."""
+    kind = _FUNCTIONS.get(target)
+    if kind is None:
+        return None
+    extra = dict(zip(_POSITIONAL.get(kind, ()), args[1:]))
+    extra.update(kwargs)
+    return activation_rule(kind, **extra)

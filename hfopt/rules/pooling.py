@@ -144,3 +144,24 @@ def module_pooling(m: nn.Module) -> Optional[Rule]:
     return None
 
 
+
+
+_FUNCTIONS = {
+    F.max_pool1d: (MaxPoolRule, 1), F.max_pool2d: (MaxPoolRule, 2),
+    torch.max_pool1d: (MaxPoolRule, 1), torch.max_pool2d: (MaxPoolRule, 2),
+    F.avg_pool1d: (AvgPoolRule, 1), F.avg_pool2d: (AvgPoolRule, 2),
+    F.adaptive_avg_pool1d: (AdaptiveAvgPoolRule, 1), F.adaptive_avg_pool2d: (AdaptiveAvgPoolRule, 2),
+}
+
+
+def function_pooling(target, args: tuple, kwargs: dict) -> Optional[Rule]:
+    """The rule of a functional pooling ``target(x, ...)`` (``x`` the only
+    tensor argument), or None."""
+    pool = _FUNCTIONS.get(target)
+    if pool is None:
+        return None
+    cls, dim = pool
+    if cls is MaxPoolRule and (kwargs.get("return_indices") or (len(args) > 6 and args[6])):
+        return None
+    kw = {k: v for k, v in kwargs.items() if k != "return_indices"}
+    return cls(dim, *args[1:6 if cls is MaxPoolRule else None], **kw)
