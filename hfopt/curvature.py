@@ -29,6 +29,8 @@ that all ranks must call in the same order.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -37,9 +39,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
 from torch.utils import _pytree as pytree
 
-from . import compiled, distributed
+from . import compiled, distributed, guard
 from .graph import Graph, Ref, trace
 from .losses import loss_curvature
 from .rules import (Input, ParamsAsInputs, Rule, fallback_function_rule, fallback_module_rule, function_rule, is_metadata_query,
@@ -148,7 +151,7 @@ class CurvatureOperator(FlatOperator):
 
     def __init__(self, model: nn.Module, loss_fn: Callable, inputs, targets, *, fuse: bool = True,
                  channels_last: Optional[bool] = None, compile: bool = False,
-                 process_group: Optional[Any] = None):
+                 process_group: Optional[Any] = None, verify: Union[bool, Tensor] = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"hfopt: model must be an nn.Module, got {type(model).__name__}")
         model = distributed.unwrap(model)  # DistributedDataParallel: its module
@@ -176,10 +179,17 @@ class CurvatureOperator(FlatOperator):
         self.compute_dtype: Optional[torch.dtype] = _autocast_dtype(self._device_type, self.params[0].dtype)
         self.channels_last = _channels_last(channels_last, self._device_type,
                                             self.compute_dtype or self.params[0].dtype)
+        if not isinstance(verify, (bool, Tensor)):
+            raise TypeError(f"hfopt: verify must be True, False or the model's output tensor, got "
+                            f"{type(verify).__name__}")
+        state = guard.rng_state(list(inputs) + self.params)
         with torch.no_grad(), self._exact_dtypes():
             try:
                 output = self._forward(inputs)
                 self.output = output
+                if verify is not False:
+                    with self._autocast_as_built():
+                        guard.check_forward(self, inputs, state, None if verify is True else verify)
                 # The loss and its output derivatives in the parameters' precision.
                 self.loss_curvature: Any = loss_curvature(loss_fn, self._to_params_dtype(output), targets)
             except Exception as exc:
@@ -202,6 +212,12 @@ class CurvatureOperator(FlatOperator):
         on tensors cast to it, so that every op of a rule sees one dtype."""
         return torch.autocast(self._device_type, enabled=False)
 
+    def _autocast_as_built(self):
+        """The caller's autocast state, in which the model's own forward runs."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device_type, dtype=self.compute_dtype)
+
     def _compute(self, t):
         """``t`` in the compute dtype (floating tensors only; others unchanged)."""
         if self.compute_dtype is None or not isinstance(t, Tensor) or not t.is_floating_point():
@@ -217,7 +233,9 @@ class CurvatureOperator(FlatOperator):
         return t if self.compute_dtype is None else t.to(self.params[0].dtype)
 
     # ---------------------------------------------------------------- forward
-    def _forward(self, inputs: tuple) -> Tensor:
+    def _forward(self, inputs: tuple, record: Optional[Dict[int, Tensor]] = None) -> Tensor:
+        """Run the graph through the rules, caching what the products need;
+        ``record`` (the guard's diagnosis) collects the value of every module node."""
         nodes = self.graph.nodes
         values: List = [None] * len(nodes)
         active = [False] * len(nodes)
@@ -237,6 +255,8 @@ class CurvatureOperator(FlatOperator):
                     self._param_nodes[i] = idx
             else:
                 values[i] = self._call(i, node, values, active)
+                if record is not None and node.op == "module":
+                    record[i] = values[i]
             for j in last_use.get(i, ()):  # rules cache what they need; drop the rest
                 values[j] = None
         out = values[self.graph.output.index]
@@ -298,7 +318,13 @@ class CurvatureOperator(FlatOperator):
         fallback = False
         if node.op == "module":
             module = node.target
-            rule = module_rule(module) if (len(args) == 1 and isinstance(args[0], Input) and not kwargs) else None
+            # A whole-model node (fx could not trace the model) stands for the
+            # model's full call, hooks included: only the fallback runs that.
+            single = len(args) == 1 and isinstance(args[0], Input) and not kwargs
+            rule = module_rule(module) if single and self.graph.traced else None
+            if rule is not None and node.with_hooks and not _hooks_only_read(module, rule, tensors[0], act,
+                                                                               self._frozen):
+                rule = None
             if rule is None:
                 rule, fallback = fallback_module_rule(module, args, kwargs), True
                 params = {n: self._frozen(p) for n, p in module.named_parameters()}
@@ -325,7 +351,8 @@ class CurvatureOperator(FlatOperator):
         if any(act) or trainable:
             active[i] = True
             self.steps.append(_Step(i, rule, refs, act, trainable))
-            if fallback:
+            if fallback and self._dp is None:  # a fallback holding collectives: each probe would be one more
+                rule.probe(second_order=self.residuals)
                 self._note_fallback(node, rule)
         return out
 
@@ -536,6 +563,21 @@ def _sweeps(op: CurvatureOperator, v: Vector, residuals: bool) -> Vector:
             d_out = torch.zeros_like(op.output)
         u = op.loss_curvature.hvp(op._to_params_dtype(d_out))
         return op._backward_sweep(op._compute(u), dirs if residuals else None, v)
+
+
+def _hooks_only_read(module: nn.Module, rule: Rule, x: Tensor, active: List[bool], frozen: Callable) -> bool:
+    """Whether the hooks of ``module`` (ones fx could not trace) leave its values
+    alone at this point: each is called once, on the engine's input and on the
+    output of a copy of ``rule``, and must return None.  A hook that returns a
+    value makes the layer and its hooks one fallback node."""
+    probe = copy.copy(rule)
+    probe.setup(active, ())
+    y = probe.forward([x], {n: frozen(getattr(module, n, None)) for n in rule.param_names})
+    pre = list(module_hooks._global_forward_pre_hooks.values()) + list(module._forward_pre_hooks.values())
+    post = list(module_hooks._global_forward_hooks.values()) + list(module._forward_hooks.values())
+    if module._forward_pre_hooks_with_kwargs or module._forward_hooks_with_kwargs:
+        return False
+    return all(h(module, (x,)) is None for h in pre) and all(h(module, (x,), y) is None for h in post)
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -8,6 +8,8 @@ torch.func fallback.  A model fx cannot trace becomes a single fallback node.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import operator
 import weakref
@@ -16,8 +18,10 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
+from torch.nn.modules import module as module_hooks
 
 from .rules import has_module_rule
+from .rules.shape import TuplePart, returns_tuple
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Node:
     target: Any
     args: tuple = ()
     kwargs: Optional[dict] = None
+    with_hooks: bool = False  # a module node that includes the module's hooks: fallback only
 
 
 @dataclass
@@ -56,14 +61,41 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if has_module_rule(m):
             return True
-        # Containers and custom blocks are traced through.  A childless module
-        # without a rule stays whole for the fallback if it is torch's own (its
-        # functional form would fall back all the same) or fx cannot trace it;
-        # a user's layer holding its own weight (``F.linear(x, self.weight)``)
-        # is traced into, so that its calls reach their rules.
-        if len(m._modules) or isinstance(m, nn.Sequential):
-            return False
-        return type(m).__module__.startswith("torch.") or not _traceable(m)
+        # Every module without a rule is traced through (containers, custom
+        # blocks, a layer calling ``F.linear(x, self.weight)``, torch's own
+        # ``_WeightNorm``), so that its calls reach their rules, unless fx
+        # cannot trace it: then the smallest such module stays whole for the
+        # fallback (its children were tried first, as leaves of their own).
+        return not _traceable(m)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if not (_has_forward_hooks(m) and has_module_rule(m)):
+            return super().call_module(m, forward, args, kwargs)
+        # A layer with a rule keeps its node, and its hooks are traced around it:
+        # torch's own call machinery runs them, with the layer's forward
+        # replaced by the node.  A hook that changes values becomes glue nodes
+        # (``output * 0.5``); one that only reads (a feature tap) adds none.
+        node = functools.partial(super().call_module, m, forward)
+        own = m.__dict__.get("forward")
+        m.forward = lambda *a, **k: node(a, k)
+        try:
+            return nn.Module._call_impl(m, *args, **kwargs)
+        except Exception:
+            # A hook fx cannot trace (``tuple(out.shape)``): the layer and its
+            # hooks become one node that only the fallback may serve.
+            proxy = node(args, kwargs)
+            proxy.node.meta[WITH_HOOKS] = True
+            return proxy
+        finally:
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
+
+
+def _has_forward_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or module_hooks._global_forward_hooks
+                or module_hooks._global_forward_pre_hooks)
 
 
 def _traceable(m: nn.Module) -> bool:
@@ -71,12 +103,35 @@ def _traceable(m: nn.Module) -> bool:
     known = _TRACEABLE.get(m)
     if known is None:
         try:
-            _Tracer().trace(m)
+            _fx_trace(m)
             known = True
         except Exception:  # data-dependent control flow and the like
             known = False
         _TRACEABLE[m] = known
     return known
+
+
+def _fx_trace(m: nn.Module) -> fx.Graph:
+    """fx's trace of ``m``, its buffers left as they were: fx runs in-place
+    updates of a buffer it does not proxy (``self.num_batches_tracked.add_(1)``
+    in a BatchNorm subclass's forward) on the real tensor."""
+    with buffers_untouched(m):
+        return _Tracer().trace(m)
+
+
+@contextlib.contextmanager
+def buffers_untouched(model: nn.Module):
+    """Inside, every buffer of ``model`` is a copy; outside, the original
+    tensors are back, never written: their values, and the version counters
+    that show in-place writes (``DatasetOperator`` reads them), are unchanged."""
+    saved = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    for m, name, b in saved:
+        m._buffers[name] = b.detach().clone()
+    try:
+        yield
+    finally:
+        for m, name, b in saved:
+            m._buffers[name] = b
 
 
 _TRACEABLE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
@@ -138,7 +193,18 @@ def _convert(model: nn.Module, g: fx.Graph) -> Graph:
         return Ref(index[latest.get(root.get(a, a), a)])
 
     output = None
+    pieces = _tuple_sources(g, model)
     for fn in g.nodes:
+        if fn in pieces:
+            continue  # each use becomes a node of its own piece, below
+        source = fn.args[0] if fn.target is operator.getitem and fn.args else None
+        if source in pieces:
+            fn_target, fn_kwargs, _ = _functional(source, model)
+            args = torch.utils._pytree.tree_map(ref, tuple(source.args))
+            kwargs = torch.utils._pytree.tree_map(ref, fn_kwargs)
+            index[fn] = len(nodes)
+            nodes.append(Node(fn.name, "function", TuplePart(fn_target, fn.args[1]), args, kwargs))
+            continue
         args = torch.utils._pytree.tree_map(ref, tuple(fn.args))
         inplace = False
         if fn.op == "placeholder":
@@ -149,7 +215,8 @@ def _convert(model: nn.Module, g: fx.Graph) -> Graph:
         elif fn.op in ("call_module", "call_method", "call_function"):
             target, kwargs, inplace = _functional(fn, model)
             kwargs = torch.utils._pytree.tree_map(ref, kwargs)
-            node = Node(fn.name, "module" if fn.op == "call_module" else "function", target, args, kwargs)
+            node = Node(fn.name, "module" if fn.op == "call_module" else "function", target, args, kwargs,
+                        with_hooks=bool(fn.meta.get(WITH_HOOKS)))
         elif fn.op == "output":
             output = args[0]
             continue
@@ -167,6 +234,24 @@ def _convert(model: nn.Module, g: fx.Graph) -> Graph:
     return Graph(nodes, output, traced=True)
 
 
+def _tuple_sources(g: fx.Graph, model: nn.Module) -> set:
+    """Calls that return a tuple of tensors (``x.chunk(2, 1)``, ``torch.split``)
+    whose every use takes one piece by a constant index.  Each piece becomes a
+    node of its own, ``TuplePart(target, k)``: the engine's values are single
+    tensors."""
+    out = set()
+    for fn in g.nodes:
+        if fn.op not in ("call_method", "call_function") or not fn.users:
+            continue
+        if not all(u.op == "call_function" and u.target is operator.getitem and u.args[0] is fn
+                   and isinstance(u.args[1], int) for u in fn.users):
+            continue
+        target, _, inplace = _functional(fn, model)
+        if not inplace and returns_tuple(target):
+            out.add(fn)
+    return out
+
+
 def _get_attr(model: nn.Module, target: str) -> Any:
     obj: Any = model
     for part in target.split("."):
@@ -180,38 +265,61 @@ def _whole_model(model: nn.Module, n_inputs: int) -> Graph:
     return Graph(nodes, Ref(n_inputs), traced=False)
 
 
+# fx node meta key: a layer node that stands for the layer's call with its hooks.
+WITH_HOOKS = "hfopt_with_hooks"
+
+
+class _Root(nn.Module):
+    """Holds a model whose own call has hooks, so that fx traces the call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):  # fx makes one placeholder per named argument, none for *args
+        return self.model(x)
+
+
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, Graph]]" = weakref.WeakKeyDictionary()
 
 
-def _signature(model: nn.Module) -> tuple:
+def signature(model: nn.Module) -> tuple:
     # A traced forward may have branched on a container's `training` flag.  The
     # graph's "attr" nodes hold the tensors a get_attr read: a parameter or
     # buffer re-assigned since (model.scale = nn.Parameter(...)) must not be
     # served from the cache, or its directions would silently be dropped.
-    modules = tuple((name, id(m), m.training) for name, m in model.named_modules())
+    # Hooks are traced into the graph: adding or removing one changes it.
+    modules = tuple((name, id(m), m.training, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+                    for name, m in model.named_modules())
+    modules += (tuple(module_hooks._global_forward_pre_hooks), tuple(module_hooks._global_forward_hooks))
     tensors = tuple((name, id(t)) for name, t in itertools.chain(model.named_parameters(), model.named_buffers()))
     return modules + tensors
 
 
 def trace(model: nn.Module, n_inputs: int = 1) -> Graph:
     """The graph of ``model`` (cached while the module tree is unchanged)."""
-    sig = _signature(model)
+    sig = signature(model)
     hit = _CACHE.get(model)
     if hit is not None and hit[0] == sig and (hit[1].traced or
                                                sum(n.op == "input" for n in hit[1].nodes) == n_inputs):
         return hit[1]
-    if has_module_rule(model):
+    hooked = _has_forward_hooks(model)
+    if has_module_rule(model) and not hooked:
         graph = _whole_model(model, 1)
         graph.traced = True  # a single supported layer: its rule is exact, no fallback
         return graph  # not cached: see below
+    # fx calls the root's forward, not the module: its hooks would be skipped.
+    root = _Root(model) if hooked else model
     try:
-        traced = _Tracer().trace(model)
+        if hooked and n_inputs != 1:
+            raise TypeError("hooks on a model that takes several inputs are run by the fallback")
+        traced = _fx_trace(root)
     except Exception as exc:  # fx refuses data-dependent control flow and more
         graph = _whole_model(model, n_inputs)
         graph.reason = f"{type(exc).__name__}: {exc}"
         # Not cached: a whole-model graph holds the model itself, and a cache
         # value referencing its own weak key keeps the model alive forever.
         return graph
-    graph = _convert(model, traced)
+    graph = _convert(root, traced)
     _CACHE[model] = (sig, graph)
     return graph

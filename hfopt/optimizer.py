@@ -656,6 +656,10 @@ class HFOptimizer(torch.optim.Optimizer):
             spread = {} if self._dp.group is None else {"process_group": self._dp}
             if self.options["compile"]:
                 spread["compile"] = True
+            if cur_inputs is inputs and isinstance(outputs, Tensor):
+                # The closure's own outputs on these inputs: the engine's forward is
+                # checked against them for free (hfopt.guard).
+                spread["verify"] = outputs.detach()
             op = cls(model, loss_fn, cur_inputs, cur_targets, **spread)
         except (TypeError, ValueError, RuntimeError) as exc:  # a RuntimeError covers not-implemented ops too
             if distributed.partial_failure(exc):  # other ranks built theirs: every rank abandons the step

@@ -36,7 +36,10 @@ class GlooSyncBatchNorm(nn.SyncBatchNorm):
     """Test-only stand-in for ``nn.SyncBatchNorm``'s forward, whose own forward
     refuses CPU tensors: global batch statistics by differentiable gloo
     all-reduces (two passes), running statistics updated as PyTorch does.  It
-    *is* a SyncBatchNorm, so hfopt gives it the cross-rank rule."""
+    *is* a SyncBatchNorm and declares that its forward computes SyncBatchNorm's,
+    so hfopt gives it the cross-rank rule (and checks the outputs agree)."""
+
+    hfopt_same_forward = True
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):

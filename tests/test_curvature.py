@@ -20,7 +20,7 @@ from hfopt.rules import ConvRule
 from models import MODELS
 
 from conftest import (assert_state_equal, check_exact, dot, flat, labels, make, rand_vec, randn, record, ref_ggnvp,
-                      rel_err, snapshot, zoo)
+                      ref_hvp, rel_err, snapshot, zoo)
 
 CE = nn.CrossEntropyLoss()
 
@@ -555,20 +555,23 @@ def test_channels_last_default_and_errors():
 
 
 @pytest.mark.parametrize("name", ["resnet8_bn", "c3d3_bn"])
-def test_channels_last_float32_agrees_with_contiguous(name):
-    """float32: channels-last products are as accurate as contiguous ones,
-    both measured against the float64 products of the same weights."""
+def test_float32_products_are_as_accurate_as_float32_allows(name):
+    """float32 products, channels-last and contiguous, are each within a small
+    multiple of autograd's own float32 error on the same model, all measured
+    against float64.  Which layout rounds less depends on the CPU's oneDNN
+    kernels, so neither layout is bounded by the other."""
     torch.manual_seed(0)
     model = make(MODELS[name](num_classes=4), seed=1).float().train()
     model64 = copy.deepcopy(model).double()
     x, y = randn(*PROJECT_INPUTS[name]), labels(PROJECT_INPUTS[name][0], 4)
     v = rand_vec(model64)
-    for cls in (hfopt.GGN, hfopt.Hessian):
+    v32 = [t.float() for t in v]
+    for cls, ref in ((hfopt.GGN, ref_ggnvp), (hfopt.Hessian, ref_hvp)):
         exact = cls(model64, CE, x, y) @ v
-        v32 = [t.float() for t in v]
-        err = {layout: rel_err([t.double() for t in cls(model, CE, x.float(), y, channels_last=layout) @ v32], exact)
-               for layout in (True, False)}
-        assert err[True] < 3 * err[False] + 1e-6, err
+        autograd = rel_err([t.double() for t in ref(model, CE, x.float(), y, v32)], exact)
+        for layout in (True, False):
+            err = rel_err([t.double() for t in cls(model, CE, x.float(), y, channels_last=layout) @ v32], exact)
+            assert err < 10 * autograd + 1e-5, (cls.__name__, layout, err, autograd)
 
 
 # ----------------------------------------------------------------------------- GPU

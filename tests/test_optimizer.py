@@ -679,9 +679,9 @@ def test_curvature_batch_takes_successive_slices(monkeypatch, size, expect):
     seen = []
 
     class SpyGGN(hfo.GGN):
-        def __init__(self, model, loss_fn, inputs, targets):
+        def __init__(self, model, loss_fn, inputs, targets, **kwargs):
             seen.append((inputs[0].clone(), targets.clone()))
-            super().__init__(model, loss_fn, inputs, targets)
+            super().__init__(model, loss_fn, inputs, targets, **kwargs)
 
     monkeypatch.setattr(hfo, "GGN", SpyGGN)
     opt = hfopt.HFOptimizer(model.parameters(), curvature_batch=size)

@@ -13,32 +13,83 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
-from .activations import function_activation, module_activation
+from .activations import function_activation, function_elementwise, function_prelu, module_activation
 from .base import Input, Rule
 from .batchnorm import BatchNormRule
 from .conv import ConvRule
+from .conv_transpose import ConvTransposeRule, function_conv_transpose, module_conv_transpose
 from .fallback import FallbackRule, call_function, module_function
 from .linear import LinearRule
+from .moments import function_moments, is_moment
 from .normalization import function_normalization, module_normalization
 from .pooling import AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule, function_pooling, module_pooling
 from .resample import function_resample, module_resample
 from .functional import ParamsAsInputs, functional_layer_rule
 from .shape import (CatRule, DivRule, DropoutRule, IndexRule, PermuteRule, ReduceRule, ReshapeRule, ScaleRule,
-                    arithmetic_rule, substitute)
+                    TuplePart, arithmetic_rule, split_part_rule, substitute)
 from .syncbatchnorm import SyncBatchNormRule, sync_batchnorm_rule
 
 __all__ = [
-    "Rule", "Input", "module_rule", "function_rule", "is_metadata_query", "fallback_module_rule",
+    "Rule", "Input", "module_rule", "rule_refusal", "function_rule", "is_metadata_query", "fallback_module_rule",
     "fallback_function_rule",
-    "BatchNormRule", "SyncBatchNormRule", "ConvRule", "LinearRule", "MaxPoolRule", "AvgPoolRule",
+    "BatchNormRule", "SyncBatchNormRule", "ConvRule", "ConvTransposeRule", "LinearRule", "MaxPoolRule", "AvgPoolRule",
     "AdaptiveAvgPoolRule", "ReshapeRule", "DropoutRule", "PermuteRule", "ReduceRule", "IndexRule", "ScaleRule", "DivRule", "CatRule",
     "ParamsAsInputs", "FallbackRule",
 ]
 
 
+# Methods a subclass may define without changing what its torch base computes.
+_HARMLESS_OVERRIDES = {"__init__", "__repr__", "extra_repr", "reset_parameters", "reset_running_stats",
+                       "__getstate__", "__setstate__", "__deepcopy__", "__init_subclass__", "_get_name",
+                       "_load_from_state_dict", "_save_to_state_dict", "__doc__", "__module__", "__qualname__",
+                       "__dict__", "__weakref__", "__annotations__", "__slots__", "__firstlineno__",
+                       "__static_attributes__"}
+
+
+def rule_refusal(module: nn.Module) -> Optional[str]:
+    """Why no closed-form rule may stand for ``module``, or None.
+
+    The one place that decides it.  A rule is written for a torch class's own
+    ``forward``: a subclass that overrides it (or anything else of the base it
+    computes with, such as ``_conv_forward``), or a parametrized weight (whose
+    rule would read a derived tensor as a constant), computes something else,
+    and the engine must trace into it instead.  Hooks are not refused here: the
+    tracer records them around the layer (:mod:`hfopt.graph`).
+
+    A subclass whose forward computes its base's by other means (a SyncBatchNorm
+    over gloo) may say so with a class attribute ``hfopt_same_forward = True``;
+    the engine's output check (:mod:`hfopt.guard`) still holds it to that."""
+    if parametrize.is_parametrized(module):
+        return f"{type(module).__name__} has parametrized tensors ({', '.join(module.parametrizations)})"
+    if _legacy_reparametrization(module):
+        return f"{type(module).__name__} recomputes a weight in a pre-hook (weight_norm/spectral_norm)"
+    base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.modules.")), None)
+    if base is None:
+        return f"{type(module).__name__} is not a torch.nn layer"
+    if getattr(type(module), "hfopt_same_forward", False) is True:
+        return None  # the class declares its forward computes its base's (the output check still runs)
+    for cls in type(module).__mro__:
+        if cls is base:
+            return None
+        changed = sorted(n for n in vars(cls) if n not in _HARMLESS_OVERRIDES and hasattr(base, n))
+        if changed:
+            return f"{cls.__qualname__} overrides {', '.join(changed)} of {base.__name__}"
+    return None
+
+
+def _legacy_reparametrization(module: nn.Module) -> bool:
+    # torch.nn.utils.weight_norm / spectral_norm (the hook forms) assign the
+    # weight as a plain attribute in a forward pre-hook.
+    return any(type(h).__module__.startswith("torch.nn.utils.") for h in module._forward_pre_hooks.values())
+
+
 def module_rule(module: nn.Module) -> Optional[Rule]:
-    """The closed-form rule for ``module(x)``, or None."""
+    """The closed-form rule for ``module(x)``, or None (no rule, or one that may
+    not stand for it: :func:`rule_refusal`)."""
+    if rule_refusal(module) is not None:
+        return None
     if isinstance(module, nn.Linear):
         return LinearRule.from_module(module)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and ConvRule.supports(module):
@@ -57,7 +108,7 @@ def module_rule(module: nn.Module) -> Optional[Rule]:
             return ReshapeRule()
         return DropoutRule(module.p) if type(module) is nn.Dropout else None
     return module_activation(module) or module_pooling(module) or module_normalization(module) or \
-        module_resample(module)
+        module_resample(module) or module_conv_transpose(module)
 
 
 def has_module_rule(module: nn.Module) -> bool:
@@ -79,7 +130,8 @@ def _name(target: Any) -> str:
 
 # Maps that only change the shape, squeeze/unsqueeze included: the transpose reshapes back.
 _RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.reshape, torch.Tensor.reshape, torch.Tensor.view,
-             torch.Tensor.contiguous, torch.squeeze, torch.Tensor.squeeze, torch.unsqueeze, torch.Tensor.unsqueeze}
+             torch.Tensor.contiguous, torch.Tensor.clone, torch.clone, torch.squeeze, torch.Tensor.squeeze, torch.unsqueeze, torch.Tensor.unsqueeze}
+_RESHAPES_AS = {torch.Tensor.reshape_as, torch.Tensor.view_as}
 _PERMUTES = {torch.Tensor.permute, torch.permute}
 _TRANSPOSES = {torch.transpose, torch.Tensor.transpose}
 _MOVEDIMS = {torch.movedim, torch.Tensor.movedim, torch.moveaxis, torch.Tensor.moveaxis}
@@ -97,11 +149,21 @@ _METADATA_METHODS = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.ndimensio
 _METADATA_ATTRS = {"shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"}
 
 
+# Calls whose result never carries a direction though they read a tensor that
+# does: detached copies, new tensors shaped like it, and random draws (timm's DropPath builds its
+# mask as ``x.new_empty(shape).bernoulli_(keep)``).
+_CONSTRUCTORS = {torch.Tensor.new_empty, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_full,
+                 torch.Tensor.new_tensor, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+                 torch.rand_like, torch.randn_like, torch.randint_like, torch.bernoulli, torch.Tensor.bernoulli,
+                 torch.Tensor.detach, torch.detach}
+
+
 def is_metadata_query(target: Callable, args: tuple) -> bool:
-    """Whether ``target(*args)`` only reads metadata (``x.size(3)``, ``x.shape``):
-    constant glue that runs as written."""
+    """Whether ``target(*args)`` only reads metadata (``x.size(3)``, ``x.shape``)
+    or builds a constant from it (``x.new_empty(n)``): constant glue that runs
+    as written."""
     try:
-        if target in _METADATA_METHODS:
+        if target in _METADATA_METHODS or target in _CONSTRUCTORS:
             return True
     except TypeError:  # unhashable target
         return False
@@ -122,7 +184,15 @@ def function_rule(target: Callable, args: tuple, kwargs: dict, values: Sequence[
         hash(target)
     except TypeError:  # unhashable target
         return None
-    for family in (functional_layer_rule, function_normalization, function_resample):
+    if is_moment(target):
+        return function_moments(target, args, kwargs)
+    if isinstance(target, TuplePart):
+        return split_part_rule(target, args, kwargs)
+    if target in _RESHAPES_AS and len(args) == 2 and not kwargs and isinstance(args[0], Input) \
+            and isinstance(args[1], Input):
+        shape = values[args[1].index].shape  # only the other tensor's shape is read
+        return ReshapeRule(lambda x: x.reshape(shape))
+    for family in (functional_layer_rule, function_normalization, function_resample, function_conv_transpose):
         rule = family(target, args, kwargs, values, active)
         if rule is not None:
             return rule
@@ -131,8 +201,9 @@ def function_rule(target: Callable, args: tuple, kwargs: dict, values: Sequence[
         return rule
     kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # rules never write in place
     if not _single_input(args):
-        return _multi_input_rule(target, args, kwargs)
-    rule = function_activation(target, args, kwargs) or function_pooling(target, args, kwargs)
+        return function_prelu(target, args, kwargs) or _multi_input_rule(target, args, kwargs)
+    rule = function_activation(target, args, kwargs, values) or function_elementwise(target, args, kwargs) or \
+        function_pooling(target, args, kwargs)
     if rule is not None:
         return rule
     if target in _RESHAPES:

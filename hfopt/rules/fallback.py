@@ -42,6 +42,14 @@ def call_function(target: Callable, args: tuple, kwargs: dict) -> Callable:
     return f
 
 
+class UnsupportedLayerError(RuntimeError):
+    """A layer served by the fallback lacks a derivative the products need."""
+
+
+# (label, input shapes and dtypes, second order): fallbacks already probed.
+_PROBED: set = set()
+
+
 class FallbackRule(Rule):
     def __init__(self, fn: Callable, param_names: Sequence[str], label: str):
         self.fn = fn
@@ -66,6 +74,32 @@ class FallbackRule(Rule):
         if not isinstance(out, Tensor):
             raise TypeError(f"hfopt: {self.label} returned {type(out).__name__}; only single-tensor outputs are supported")
         return out
+
+    def probe(self, second_order: bool) -> None:
+        """Apply every product this operator will need once, at the build point,
+        so that a derivative torch lacks (``hardsigmoid_backward`` has no forward
+        derivative in some versions) raises here, naming the layer, and never
+        from inside a product.  Done once per layer type and input shape."""
+        key = (self.label, second_order, tuple((tuple(t.shape), t.dtype, t.device.type) for t in self._primals()))
+        if key in _PROBED:
+            return
+        din = [torch.ones_like(t) if i in self.diff_in else None for i, t in enumerate(self.inputs)]
+        dpar = {n: torch.ones_like(self.params[n]) for n in self.diff_par}
+        need_in, need_par = [i in self.diff_in for i in range(len(self.inputs))], tuple(self.diff_par)
+        try:
+            out = self.jvp(din, dpar)
+            self.vjp(torch.ones_like(out), need_in, need_par)
+            if second_order:
+                self.residual(torch.ones_like(out), din, dpar, need_in, need_par)
+        except (RuntimeError, NotImplementedError) as exc:
+            order = "twice (the Hessian's residual)" if second_order else "(forward and reverse mode)"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedLayerError(
+                f"hfopt: {self.label} has no closed-form rule, and torch cannot differentiate it {order} for the "
+                f"fallback: {reason}") from exc
+        finally:
+            self._vjp = None  # the probe's reverse graph is not the products'
+        _PROBED.add(key)
 
     def _of_diff(self, *diff: Tensor) -> Tensor:
         """The layer as a function of its differentiable arguments alone."""

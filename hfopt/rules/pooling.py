@@ -1,18 +1,27 @@
-"""Max, average and adaptive-average pooling (1-d and 2-d).
+"""Max, average, adaptive-average and adaptive-max pooling (1-d, 2-d, 3-d).
 
 All are piecewise linear or linear: no residual.  Max pooling keeps only the
 argmax indices of the forward; its JVP gathers at them and its transposed
 product scatter-adds there (overlapping windows may share an argmax).  The
 average poolings' transposed products are ATen's own backward kernels.
+
+3-d and adaptive max pooling are :class:`ArgmaxPoolRule`, not
+:class:`MaxPoolRule`: the fused ``ReLU -> MaxPool`` rules of
+:mod:`hfopt.rules.fused` take exactly a :class:`MaxPoolRule` and index
+``[N, C, H*W]``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from abc import abstractmethod
+from functools import partial
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..compiled import eager_scatter_add
 from .base import Grads, Rule
 
 
@@ -134,6 +143,96 @@ class AdaptiveAvgPoolRule(Rule):
         return [gx.reshape(self.in_shape)], {}
 
 
+class AvgPool3dRule(AvgPoolRule):
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "AvgPool3dRule":
+        return cls(3, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
+
+    def _pool(self, x: Tensor) -> Tensor:
+        return F.avg_pool3d(x, self.k, self.s, self.p, self.ceil_mode, self.count_include_pad, self.divisor)
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        if not need_inputs[0]:
+            return [None], {}
+        x_like = g.new_zeros(()).expand(self.in_shape)
+        gx = torch.ops.aten.avg_pool3d_backward(g, x_like, self.k, self.s, self.p, self.ceil_mode,
+                                                self.count_include_pad, self.divisor)
+        return [gx], {}
+
+
+class AdaptiveAvgPool3dRule(AdaptiveAvgPoolRule):
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "AdaptiveAvgPool3dRule":
+        return cls(3, m.output_size)
+
+    def _pool(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool3d(x, self._size2(x.shape))
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        if not need_inputs[0]:
+            return [None], {}
+        x_like = g.new_zeros(()).expand(self.in_shape)
+        return [torch.ops.aten._adaptive_avg_pool3d_backward(g, x_like)], {}
+
+
+class ArgmaxPoolRule(Rule):
+    """A max pooling whose forward returns indices flat over the input's last
+    ``dim`` axes: the JVP gathers there, the transposed product scatter-adds."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    @abstractmethod
+    def _pool(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(output, indices)`` of the pooling."""
+
+    def forward(self, inputs, params) -> Tensor:
+        y, idx = self._pool(inputs[0])
+        self.in_shape, self.out_shape = inputs[0].shape, y.shape
+        self.idx = idx.flatten(-self.dim)
+        return y
+
+    def jvp(self, din, dparams) -> Tensor:
+        return din[0].flatten(-self.dim).gather(-1, self.idx).view(self.out_shape)
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        if not need_inputs[0]:
+            return [None], {}
+        gx = g.new_zeros(self.idx.shape[:-1] + (math.prod(self.in_shape[-self.dim:]),))
+        eager_scatter_add(gx, -1, self.idx, g.reshape(self.idx.shape))
+        return [gx.view(self.in_shape)], {}
+
+
+class MaxPool3dRule(ArgmaxPoolRule):
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+        super().__init__(3)
+        stride = kernel_size if stride in (None, ()) else stride
+        self.args = (kernel_size, stride, padding, dilation, ceil_mode)
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "MaxPool3dRule":
+        return cls(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+
+    def _pool(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        return F.max_pool3d(x, *self.args, return_indices=True)
+
+
+class AdaptiveMaxPoolRule(ArgmaxPoolRule):
+    _POOL = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
+
+    def __init__(self, dim: int, output_size):
+        super().__init__(dim)
+        self.output_size = output_size
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "AdaptiveMaxPoolRule":
+        dim = 1 if isinstance(m, nn.AdaptiveMaxPool1d) else 2 if isinstance(m, nn.AdaptiveMaxPool2d) else 3
+        return cls(dim, m.output_size)
+
+    def _pool(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        return self._POOL[self.dim](x, self.output_size, return_indices=True)
+
+
 def module_pooling(m: nn.Module) -> Optional[Rule]:
     if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)):
         return MaxPoolRule.from_module(m)
@@ -141,27 +240,43 @@ def module_pooling(m: nn.Module) -> Optional[Rule]:
         return AvgPoolRule.from_module(m)
     if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
         return AdaptiveAvgPoolRule.from_module(m)
+    if isinstance(m, nn.AvgPool3d):
+        return AvgPool3dRule.from_module(m)
+    if isinstance(m, nn.AdaptiveAvgPool3d):
+        return AdaptiveAvgPool3dRule.from_module(m)
+    # With return_indices the module returns a pair, which no rule produces.
+    if isinstance(m, nn.MaxPool3d) and not m.return_indices:
+        return MaxPool3dRule.from_module(m)
+    if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)) and not m.return_indices:
+        return AdaptiveMaxPoolRule.from_module(m)
     return None
 
 
-
-
-_FUNCTIONS = {
-    F.max_pool1d: (MaxPoolRule, 1), F.max_pool2d: (MaxPoolRule, 2),
-    torch.max_pool1d: (MaxPoolRule, 1), torch.max_pool2d: (MaxPoolRule, 2),
-    F.avg_pool1d: (AvgPoolRule, 1), F.avg_pool2d: (AvgPoolRule, 2),
-    F.adaptive_avg_pool1d: (AdaptiveAvgPoolRule, 1), F.adaptive_avg_pool2d: (AdaptiveAvgPoolRule, 2),
+# target -> (rule factory on the arguments after ``x``, position of the
+# return_indices flag among the positional arguments or None).
+_FUNCTIONS: Dict[Callable, Tuple[Callable[..., Rule], Optional[int]]] = {
+    F.max_pool1d: (partial(MaxPoolRule, 1), 6), F.max_pool2d: (partial(MaxPoolRule, 2), 6),
+    torch.max_pool1d: (partial(MaxPoolRule, 1), 6), torch.max_pool2d: (partial(MaxPoolRule, 2), 6),
+    F.max_pool3d: (MaxPool3dRule, 6), torch.max_pool3d: (MaxPool3dRule, 6),
+    F.avg_pool1d: (partial(AvgPoolRule, 1), None), F.avg_pool2d: (partial(AvgPoolRule, 2), None),
+    F.avg_pool3d: (partial(AvgPool3dRule, 3), None),
+    F.adaptive_avg_pool1d: (partial(AdaptiveAvgPoolRule, 1), None),
+    F.adaptive_avg_pool2d: (partial(AdaptiveAvgPoolRule, 2), None),
+    F.adaptive_avg_pool3d: (partial(AdaptiveAvgPool3dRule, 3), None),
+    F.adaptive_max_pool1d: (partial(AdaptiveMaxPoolRule, 1), 2),
+    F.adaptive_max_pool2d: (partial(AdaptiveMaxPoolRule, 2), 2),
+    F.adaptive_max_pool3d: (partial(AdaptiveMaxPoolRule, 3), 2),
 }
 
 
 def function_pooling(target, args: tuple, kwargs: dict) -> Optional[Rule]:
     """The rule of a functional pooling ``target(x, ...)`` (``x`` the only
     tensor argument), or None."""
-    pool = _FUNCTIONS.get(target)
-    if pool is None:
+    entry = _FUNCTIONS.get(target)
+    if entry is None:
         return None
-    cls, dim = pool
-    if cls is MaxPoolRule and (kwargs.get("return_indices") or (len(args) > 6 and args[6])):
+    make, flag = entry
+    if flag is not None and (kwargs.get("return_indices") or (len(args) > flag and args[flag])):
         return None
     kw = {k: v for k, v in kwargs.items() if k != "return_indices"}
-    return cls(dim, *args[1:6 if cls is MaxPoolRule else None], **kw)
+    return make(*args[1:flag], **kw)

@@ -7,6 +7,7 @@ products, concatenation and other maps that are linear in their tensor input.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
@@ -55,9 +56,12 @@ class ReshapeRule(Rule):
 
 class DropoutRule(Rule):
     """Train-mode dropout: the mask is drawn once, when the operator is built,
-    from torch's global generator exactly as ``F.dropout`` draws it on the CPU,
-    and held fixed for every product, so the operator is the curvature of the
-    objective with that mask.  Eval mode (or p=0) is the identity."""
+    from torch's global generator exactly as ``F.dropout`` draws it on a
+    contiguous input (on the CPU a Bernoulli draw in memory order, on CUDA
+    ATen's fused ``native_dropout``), and held fixed for every product, so the
+    operator is the curvature of the objective with that mask, the one the
+    model's own forward draws from the same state.  Eval mode (or p=0) is the
+    identity."""
 
     def __init__(self, p: float):
         self.p = p
@@ -66,8 +70,15 @@ class DropoutRule(Rule):
         x = inputs[0]
         if self.p == 1.0:
             self.mask = torch.zeros_like(x)
+        elif x.is_cuda:
+            keep = torch.native_dropout(x.contiguous(), self.p, True)[1]
+            self.mask = keep.to(x.dtype).div_(1 - self.p)
         else:
-            self.mask = torch.empty_like(x).bernoulli_(1 - self.p).div_(1 - self.p)
+            # In the input's own layout, as F.dropout draws, except the engine's
+            # channels-last maps, which the model holds contiguous.
+            cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            like = torch.empty(x.shape, dtype=x.dtype, device=x.device) if cl else torch.empty_like(x)
+            self.mask = like.bernoulli_(1 - self.p).div_(1 - self.p)
         return x * self.mask
 
     def jvp(self, din, dparams) -> Tensor:
@@ -396,3 +407,86 @@ def arithmetic_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rul
     if target in MUL_FUNCTIONS and not kwargs:
         return MulRule(a, b)
     return None
+
+
+@dataclass(frozen=True)
+class TuplePart:
+    """``fn(*args, **kwargs)[index]``: one piece of a call that returns a tuple,
+    a node of its own in the graph (:func:`hfopt.graph._tuple_sources`)."""
+
+    fn: Callable
+    index: int
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)[self.index]
+
+    @property
+    def __name__(self) -> str:
+        return f"{getattr(self.fn, '__name__', repr(self.fn))}(...)[{self.index}]"
+
+
+# Calls whose result is a tuple of tensors.  Rewriting ``fn(x)[k]`` as a
+# TuplePart is exact for any of them; the splits below have closed forms, the
+# rest (var_mean, sort, topk, ...) reach the declared fallback one piece at a time.
+_SPLITS = {torch.chunk: ("chunks",), torch.Tensor.chunk: ("chunks",),
+           torch.split: ("split_size_or_sections",), torch.Tensor.split: ("split_size",),
+           torch.tensor_split: ("indices_or_sections",), torch.Tensor.tensor_split: ("indices_or_sections",),
+           torch.Tensor.split_with_sizes: ("split_sizes",), torch.unbind: (), torch.Tensor.unbind: ()}
+_TUPLE_RETURNING = set(_SPLITS) | {
+    torch.var_mean, torch.std_mean, torch.max, torch.Tensor.max, torch.min, torch.Tensor.min, torch.sort,
+    torch.Tensor.sort, torch.topk, torch.Tensor.topk, torch.aminmax, torch.Tensor.aminmax, torch.median,
+    torch.Tensor.median, torch.kthvalue, torch.Tensor.kthvalue, torch.mode, torch.Tensor.mode, torch.cummax,
+    torch.Tensor.cummax, torch.cummin, torch.Tensor.cummin, torch.frexp, torch.Tensor.frexp}
+
+
+def returns_tuple(target: Any) -> bool:
+    try:
+        return target in _TUPLE_RETURNING
+    except TypeError:  # unhashable target
+        return False
+
+
+class SplitPartRule(Rule):
+    """One piece of ``chunk``/``split``/``tensor_split``/``unbind``: a narrow
+    (``unbind``: a select) of ``x`` along ``dim``.  Linear; the transposed
+    product writes the cotangent into zeros at the piece's place."""
+
+    def __init__(self, part: TuplePart, rest: tuple, dim: int):
+        self.part, self.rest, self.dim = part, rest, dim
+        self.select = part.fn in (torch.unbind, torch.Tensor.unbind)
+
+    def forward(self, inputs, params) -> Tensor:
+        x = inputs[0]
+        pieces = self.part.fn(x, *self.rest, dim=self.dim)
+        sizes = [1 if self.select else p.shape[self.dim] for p in pieces]
+        self.start, self.length = sum(sizes[:self.part.index]), sizes[self.part.index]
+        self.in_shape = x.shape
+        return pieces[self.part.index]
+
+    def _take(self, t: Tensor) -> Tensor:
+        return t.select(self.dim, self.start) if self.select else t.narrow(self.dim, self.start, self.length)
+
+    def jvp(self, din, dparams) -> Tensor:
+        return self._take(din[0])
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        if not need_inputs[0]:
+            return [None], {}
+        out = g.new_zeros(self.in_shape)
+        self._take(out).copy_(g)
+        return [out], {}
+
+
+def split_part_rule(part: TuplePart, args: tuple, kwargs: dict) -> Optional[Rule]:
+    """The rule of ``TuplePart(split-like, k)(x, ...)``, or None."""
+    names = _SPLITS.get(part.fn)
+    if names is None or not args or not isinstance(args[0], Input):
+        return None
+    rest = args[1:]
+    if len(rest) > len(names) + 1 or set(kwargs) - {"dim"}:
+        return None
+    dim = rest[len(names)] if len(rest) > len(names) else kwargs.get("dim", 0)
+    rest = rest[:len(names)]
+    if any(isinstance(a, Input) for a in pytree.tree_leaves(rest)) or not isinstance(dim, int):
+        return None  # split sizes given as a tensor
+    return SplitPartRule(part, rest, dim)
