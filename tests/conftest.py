@@ -71,7 +71,7 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
 def rand_vec(model_or_params, seed: int = 0) -> List[Tensor]:
     params = trainable(model_or_params) if isinstance(model_or_params, nn.Module) else list(model_or_params)
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    return [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
 
 
 # ----------------------------------------------------------------------------- state
