@@ -36,7 +36,9 @@ from .graph import buffers_untouched, signature
 # Relative max-abs agreement the two forwards must reach: they differ only by
 # rounding (another reduction order for batch statistics, a channels-last
 # kernel), while a rule standing for the wrong computation is off by O(1).
-_TOLERANCE = {torch.float64: 1e-8, torch.float32: 2e-3}
+# float64 is not held tighter than 1e-6: CUDA's fused weight-norm kernel alone
+# differs from the written-out formula by 4e-8 (measured on an H200).
+_TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3}
 _LOW_PRECISION_TOLERANCE = 5e-2
 
 _VERIFIED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
