@@ -106,7 +106,7 @@ def module_rule(module: nn.Module) -> Optional[Rule]:
     if isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
         if not module.training or module.p == 0:
             return ReshapeRule()
-        return DropoutRule(module.p) if type(module) is nn.Dropout else None
+        return DropoutRule(module.p, module.inplace) if type(module) is nn.Dropout else None
     return module_activation(module) or module_pooling(module) or module_normalization(module) or \
         module_resample(module) or module_conv_transpose(module)
 
@@ -219,7 +219,8 @@ def _multi_input_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[R
     if target in (F.dropout,) and _single_input(args):
         p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
         training = args[2] if len(args) > 2 else kwargs.get("training", True)
-        return DropoutRule(p) if training and p > 0 else ReshapeRule()
+        inplace = bool(args[3]) if len(args) > 3 else False
+        return DropoutRule(p, inplace) if training and p > 0 else ReshapeRule()
     return arithmetic_rule(target, args, kwargs)
 
 

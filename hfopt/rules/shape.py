@@ -57,20 +57,20 @@ class ReshapeRule(Rule):
 class DropoutRule(Rule):
     """Train-mode dropout: the mask is drawn once, when the operator is built,
     from torch's global generator exactly as ``F.dropout`` draws it on a
-    contiguous input (on the CPU a Bernoulli draw in memory order, on CUDA
+    contiguous input (a Bernoulli draw in memory order; on CUDA, out of place,
     ATen's fused ``native_dropout``), and held fixed for every product, so the
     operator is the curvature of the objective with that mask, the one the
     model's own forward draws from the same state.  Eval mode (or p=0) is the
     identity."""
 
-    def __init__(self, p: float):
-        self.p = p
+    def __init__(self, p: float, inplace: bool = False):
+        self.p, self.inplace = p, inplace
 
     def forward(self, inputs, params) -> Tensor:
         x = inputs[0]
         if self.p == 1.0:
             self.mask = torch.zeros_like(x)
-        elif x.is_cuda:
+        elif x.is_cuda and not self.inplace:  # in place, CUDA draws as the CPU does
             keep = torch.native_dropout(x.contiguous(), self.p, True)[1]
             self.mask = keep.to(x.dtype).div_(1 - self.p)
         else:
