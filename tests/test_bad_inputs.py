@@ -240,6 +240,8 @@ BUILD_CASES = {
                                   r"channels_last must be True, False or None, got str"),
     "op-compile-not-bool": (lambda: (_model(), CE, *_data(), {"compile": 1}), TypeError,
                             r"compile must be True or False, got int"),
+    "op-verify-not-bool-or-tensor": (lambda: (_model(), CE, *_data(), {"verify": "yes"}), TypeError,
+                                     r"verify must be True, False or the model's output tensor, got str"),
 }
 
 
@@ -285,6 +287,8 @@ def test_every_case_is_in_the_docs_table():
     named = set(OPTIMIZER_CASES) | set(OPERATOR_CASES) | set(BUILD_CASES) | {
         "params-float16", "params-bfloat16", "empty-parameter-list", "empty-param-group",
         "parameter-in-two-groups", "nan-in-parameters", "only-frozen-parameters", "frozen-parameters",
-        "unreached-parameters", "parameter-outside-the-model", "nan-in-operator-inputs", "mixed-train-eval"}
+        "unreached-parameters", "parameter-outside-the-model", "nan-in-operator-inputs", "mixed-train-eval",
+        # tests/test_guard.py
+        "forward-the-engine-did-not-see", "fallback-without-a-derivative"}
     assert named <= rows, f"missing from {DOC.name}: {sorted(named - rows)}"
     assert rows <= named, f"{DOC.name} lists cases no test runs: {sorted(rows - named)}"

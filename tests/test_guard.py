@@ -156,3 +156,18 @@ def test_hf_optimizer_uses_the_closures_outputs_for_the_check(monkeypatch):
     for _ in range(2):
         opt.step(closure)
     assert calls == []  # the closure's outputs agreed: no extra forward
+
+
+def test_hf_optimizer_takes_the_autograd_path_on_a_mismatch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), TracesOtherwise(), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = hfopt.HFOptimizer(model.parameters())
+
+    def closure():
+        out = model(x)
+        return CE(out, y), out
+
+    with pytest.warns(UserWarning, match="does not reproduce the model's output"):
+        opt.step(closure)
+    assert opt.last_step["engine"] == "autograd"
