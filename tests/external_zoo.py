@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from conftest import labels, make, randn
+from models.external import BasicBlock  # torchvision's BasicBlock, written once in models/
 
 N, CIN, HW, CLASSES = 4, 3, 16, 5
 
@@ -990,33 +991,6 @@ def conv1x1(in_planes, out_planes, stride=1):
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
-class TVBasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x):
-        identity = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        out = self.relu(out)
-        return out
-
-
 class TVBottleneck(nn.Module):
     expansion = 4
 
@@ -1054,7 +1028,7 @@ class TVResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(TVBottleneck, 3, 1, stride=1, groups=2, base_width=64)  # 8 -> 12
-        self.layer2 = self._make_layer(TVBasicBlock, 10, 2, stride=2)                         # 12 -> 10
+        self.layer2 = self._make_layer(BasicBlock, 10, 2, stride=2)                         # 12 -> 10
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(10, classes)
 
