@@ -28,7 +28,7 @@ from .pooling import AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule, function_poo
 from .resample import function_resample, module_resample
 from .functional import ParamsAsInputs, functional_layer_rule
 from .shape import (CatRule, DivRule, DropoutRule, IndexRule, PermuteRule, ReduceRule, ReshapeRule, ScaleRule,
-                    TuplePart, arithmetic_rule, split_part_rule, substitute)
+                    TuplePart, arithmetic_rule, split_part_rule, stochastic_depth_rule, substitute)
 from .syncbatchnorm import SyncBatchNormRule, sync_batchnorm_rule
 
 __all__ = [
@@ -216,6 +216,9 @@ def _multi_input_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[R
     if target is torch.cat and args and isinstance(args[0], (list, tuple)):
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         return CatRule(args[0], dim)
+    rule = stochastic_depth_rule(target, args, kwargs) if _single_input(args) else None
+    if rule is not None:
+        return rule
     if target in (F.dropout,) and _single_input(args):
         p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
         training = args[2] if len(args) > 2 else kwargs.get("training", True)

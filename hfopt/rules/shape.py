@@ -88,6 +88,48 @@ class DropoutRule(Rule):
         return [g * self.mask if need_inputs[0] else None], {}
 
 
+class StochasticDepthRule(Rule):
+    """torchvision's ``stochastic_depth(x, p, mode)`` in training: ``x`` times a
+    mask shaped ``[N, 1, ...]`` ('row': one draw per sample) or ``[1, ...]``
+    ('batch'), drawn once when the operator is built exactly as torchvision
+    draws it, and held for every product (like :class:`DropoutRule`)."""
+
+    def __init__(self, p: float, mode: str):
+        self.p, self.mode = p, mode
+
+    def forward(self, inputs, params) -> Tensor:
+        x = inputs[0]
+        size = [x.shape[0]] + [1] * (x.dim() - 1) if self.mode == "row" else [1] * x.dim()
+        keep = 1.0 - self.p
+        self.mask = torch.empty(size, dtype=x.dtype, device=x.device).bernoulli_(keep)
+        if keep > 0.0:
+            self.mask.div_(keep)
+        return x * self.mask
+
+    def jvp(self, din, dparams) -> Tensor:
+        return din[0] * self.mask
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        return [g * self.mask if need_inputs[0] else None], {}
+
+
+def stochastic_depth_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rule]:
+    """The rule of torchvision's ``stochastic_depth`` (a leaf of fx: torchvision
+    wraps it), recognised by name so that torchvision need not be imported."""
+    if getattr(target, "__module__", None) != "torchvision.ops.stochastic_depth" or \
+            getattr(target, "__name__", None) != "stochastic_depth":
+        return None
+    names = ("input", "p", "mode", "training")
+    bound = dict(zip(names, args))
+    if set(kwargs) - set(names) or set(kwargs) & set(bound):
+        return None
+    bound.update(kwargs)
+    p, mode, training = bound.get("p"), bound.get("mode"), bound.get("training", True)
+    if not isinstance(p, (int, float)) or mode not in ("row", "batch") or not isinstance(training, bool):
+        return None
+    return StochasticDepthRule(float(p), mode) if training and p > 0 else ReshapeRule()
+
+
 class PermuteRule(Rule):
     """``permute``/``transpose``/``movedim``: the transposed product is the inverse permutation."""
 
