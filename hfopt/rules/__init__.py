@@ -1,8 +1,9 @@
 """Per-layer Hessian-backpropagation rules and the table that picks one.
 
 One module per layer family; :func:`module_rule` and :func:`function_rule` map a
-module, or a function call seen in a traced ``forward``, to its rule.  Anything
-else gets :class:`~hfopt.rules.fallback.FallbackRule` (exact, built on
+module, or a function call seen in a traced ``forward``, to its rule, and
+:func:`rule_refusal` decides whether a module's rule may stand for it at all.
+Anything else gets :class:`~hfopt.rules.fallback.FallbackRule` (exact, built on
 torch.func, slower).
 """
 from __future__ import annotations
@@ -201,7 +202,7 @@ def function_rule(target: Callable, args: tuple, kwargs: dict, values: Sequence[
         return rule
     kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # rules never write in place
     if not _single_input(args):
-        return function_prelu(target, args, kwargs) or _multi_input_rule(target, args, kwargs)
+        return function_prelu(target, args, kwargs) or _remaining_rule(target, args, kwargs)
     rule = function_activation(target, args, kwargs, values) or function_elementwise(target, args, kwargs) or \
         function_pooling(target, args, kwargs)
     if rule is not None:
@@ -209,10 +210,11 @@ def function_rule(target: Callable, args: tuple, kwargs: dict, values: Sequence[
     if target in _RESHAPES:
         rest, kw = args[1:], kwargs
         return ReshapeRule(lambda x: target(x, *rest, **kw))
-    return _multi_input_rule(target, args, kwargs)
+    return _remaining_rule(target, args, kwargs)
 
 
-def _multi_input_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rule]:
+def _remaining_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rule]:
+    """``torch.cat``, stochastic depth, ``F.dropout`` and ``+``/``-``/``*``."""
     if target is torch.cat and args and isinstance(args[0], (list, tuple)):
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         return CatRule(args[0], dim)
