@@ -320,13 +320,13 @@ class CurvatureOperator(FlatOperator):
             module = node.target
             # A whole-model node (fx could not trace the model) stands for the
             # model's full call, hooks included: only the fallback runs that.
-            single = len(args) == 1 and isinstance(args[0], Input) and not kwargs
+            single = len(args) == 1 and isinstance(args[0], Input) and not kwargs and node.part is None
             rule = module_rule(module) if single and self.graph.traced else None
             if rule is not None and node.with_hooks and not _hooks_only_read(module, rule, tensors[0], act,
                                                                                self._frozen):
                 rule = None
             if rule is None:
-                rule, fallback = fallback_module_rule(module, args, kwargs), True
+                rule, fallback = fallback_module_rule(module, args, kwargs, node.part), True
                 params = {n: self._frozen(p) for n, p in module.named_parameters()}
             else:
                 params = {n: self._frozen(getattr(module, n, None)) for n in rule.param_names}
@@ -556,7 +556,7 @@ def _sweeps(op: CurvatureOperator, v: Vector, residuals: bool) -> Vector:
     sweep (with the residuals for the Hessian).  A function of the operator, so
     that ``compile=True`` compiles it once for every operator of a model."""
     with torch.no_grad(), op._exact_dtypes():
-        v = [op._layout(op._compute(t)) for t in v]
+        v = [op._compute(t) for t in v]
         dirs = op._jvp_sweep(v, keep=residuals)
         d_out = dirs.get(op.graph.output.index)
         if d_out is None:

@@ -47,6 +47,7 @@ class Node:
     args: tuple = ()
     kwargs: Optional[dict] = None
     with_hooks: bool = False  # a module node that includes the module's hooks: fallback only
+    part: Optional[int] = None  # a module node standing for one piece of the tuple the module returns
 
 
 @dataclass
@@ -58,15 +59,18 @@ class Graph:
 
 
 class _Tracer(fx.Tracer):
+    """Every module without a rule is traced through (containers, custom
+    blocks, a layer calling ``F.linear(x, self.weight)``, torch's own
+    ``_WeightNorm``), so that its calls reach their rules, except ``whole``:
+    the modules fx could not trace, kept whole for the fallback
+    (:func:`_trace_finest`)."""
+
+    def __init__(self, whole: "set[int]"):
+        super().__init__()
+        self.whole = whole
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if has_module_rule(m):
-            return True
-        # Every module without a rule is traced through (containers, custom
-        # blocks, a layer calling ``F.linear(x, self.weight)``, torch's own
-        # ``_WeightNorm``), so that its calls reach their rules, unless fx
-        # cannot trace it: then the smallest such module stays whole for the
-        # fallback (its children were tried first, as leaves of their own).
-        return not _traceable(m)
+        return has_module_rule(m) or id(m) in self.whole
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         if not (_has_forward_hooks(m) and has_module_rule(m)):
@@ -98,32 +102,46 @@ def _has_forward_hooks(m: nn.Module) -> bool:
                 or module_hooks._global_forward_pre_hooks)
 
 
-def _traceable(m: nn.Module) -> bool:
-    # Remembered per module: HFOptimizer builds an operator, hence traces, every step.
-    known = _TRACEABLE.get(m)
-    if known is None:
+def _trace_finest(root: nn.Module) -> fx.Graph:
+    """fx's trace of ``root`` with the smallest modules it cannot trace kept
+    whole.  Each failure is traced back to the module whose forward was running
+    (the innermost of fx's module stack), which becomes a leaf, and the trace is
+    retried; a failure in the root's own forward is raised.  Modules are traced
+    in their context, with the arguments they really get (a list of tensors
+    that a module writes into, as HRNet's branches do, traces there and not
+    alone)."""
+    whole: "set[int]" = set()
+    while True:
+        tracer = _Tracer(whole)
         try:
-            _fx_trace(m)
-            known = True
-        except Exception:  # data-dependent control flow and the like
-            known = False
-        _TRACEABLE[m] = known
-    return known
+            with buffers_untouched(root):
+                return tracer.trace(root)
+        except Exception:
+            culprit = _innermost(tracer, root)
+            if culprit is None or id(culprit) in whole:
+                raise
+            whole.add(id(culprit))
 
 
-def _fx_trace(m: nn.Module) -> fx.Graph:
-    """fx's trace of ``m``, its buffers left as they were: fx runs in-place
-    updates of a buffer it does not proxy (``self.num_batches_tracked.add_(1)``
-    in a BatchNorm subclass's forward) on the real tensor."""
-    with buffers_untouched(m):
-        return _Tracer().trace(m)
+def _innermost(tracer: fx.Tracer, root: nn.Module) -> Optional[nn.Module]:
+    """The module whose forward fx was tracing when it failed (None: the root's)."""
+    for path, _ in reversed(list(tracer.module_stack.values())):
+        if path:
+            try:
+                return root.get_submodule(path)
+            except AttributeError:
+                return None
+    return None
 
 
 @contextlib.contextmanager
 def buffers_untouched(model: nn.Module):
     """Inside, every buffer of ``model`` is a copy; outside, the original
     tensors are back, never written: their values, and the version counters
-    that show in-place writes (``DatasetOperator`` reads them), are unchanged."""
+    that show in-place writes (``DatasetOperator`` reads them), are unchanged.
+    fx runs the in-place update of a buffer it does not proxy
+    (``self.num_batches_tracked.add_(1)`` in a BatchNorm subclass's forward) on
+    the real tensor, and the guard runs the model's own forward."""
     saved = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     for m, name, b in saved:
         m._buffers[name] = b.detach().clone()
@@ -134,7 +152,6 @@ def buffers_untouched(model: nn.Module):
             m._buffers[name] = b
 
 
-_TRACEABLE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 _INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -175,6 +192,18 @@ def _functional(fn: fx.Node, model: nn.Module) -> Tuple[Any, dict, bool]:
     return target, kwargs, False
 
 
+def _thaw(a: Any) -> Any:
+    """fx's immutable lists and dicts as plain ones: a module kept whole gets
+    them as arguments, and may write into a list it is given (HRNet's branches
+    do ``x[i] = branch(x[i])``)."""
+    if isinstance(a, (list, tuple)):
+        items = [_thaw(t) for t in a]
+        return items if isinstance(a, list) else type(a)(items) if type(a) is tuple else tuple(items)
+    if isinstance(a, dict):
+        return {k: _thaw(t) for k, t in a.items()}
+    return a
+
+
 def _convert(model: nn.Module, g: fx.Graph) -> Graph:
     index = {}
     nodes: List[Node] = []
@@ -200,10 +229,13 @@ def _convert(model: nn.Module, g: fx.Graph) -> Graph:
         source = fn.args[0] if fn.target is operator.getitem and fn.args else None
         if source in pieces:
             fn_target, fn_kwargs, _ = _functional(source, model)
-            args = torch.utils._pytree.tree_map(ref, tuple(source.args))
-            kwargs = torch.utils._pytree.tree_map(ref, fn_kwargs)
+            args = _thaw(torch.utils._pytree.tree_map(ref, tuple(source.args)))
+            kwargs = _thaw(torch.utils._pytree.tree_map(ref, fn_kwargs))
             index[fn] = len(nodes)
-            nodes.append(Node(fn.name, "function", TuplePart(fn_target, fn.args[1]), args, kwargs))
+            if source.op == "call_module":
+                nodes.append(Node(fn.name, "module", fn_target, args, kwargs, part=fn.args[1]))
+            else:
+                nodes.append(Node(fn.name, "function", TuplePart(fn_target, fn.args[1]), args, kwargs))
             continue
         args = torch.utils._pytree.tree_map(ref, tuple(fn.args))
         inplace = False
@@ -215,8 +247,8 @@ def _convert(model: nn.Module, g: fx.Graph) -> Graph:
         elif fn.op in ("call_module", "call_method", "call_function"):
             target, kwargs, inplace = _functional(fn, model)
             kwargs = torch.utils._pytree.tree_map(ref, kwargs)
-            node = Node(fn.name, "module" if fn.op == "call_module" else "function", target, args, kwargs,
-                        with_hooks=bool(fn.meta.get(WITH_HOOKS)))
+            node = Node(fn.name, "module" if fn.op == "call_module" else "function", target, _thaw(args),
+                        _thaw(kwargs), with_hooks=bool(fn.meta.get(WITH_HOOKS)))
         elif fn.op == "output":
             output = args[0]
             continue
@@ -235,19 +267,23 @@ def _convert(model: nn.Module, g: fx.Graph) -> Graph:
 
 
 def _tuple_sources(g: fx.Graph, model: nn.Module) -> set:
-    """Calls that return a tuple of tensors (``x.chunk(2, 1)``, ``torch.split``)
-    whose every use takes one piece by a constant index.  Each piece becomes a
-    node of its own, ``TuplePart(target, k)``: the engine's values are single
-    tensors."""
+    """Calls that return a tuple of tensors (``x.chunk(2, 1)``, ``torch.split``,
+    a module kept whole that returns a list, as HRNet's branches do) whose every
+    use takes one piece by a constant index.  Each piece becomes a node of its
+    own (``TuplePart(target, k)``, or a module node with ``part=k``): the
+    engine's values are single tensors."""
     out = set()
     for fn in g.nodes:
-        if fn.op not in ("call_method", "call_function") or not fn.users:
+        if fn.op not in ("call_method", "call_function", "call_module") or not fn.users:
             continue
         if not all(u.op == "call_function" and u.target is operator.getitem and u.args[0] is fn
                    and isinstance(u.args[1], int) for u in fn.users):
             continue
         target, _, inplace = _functional(fn, model)
-        if not inplace and returns_tuple(target):
+        if fn.op == "call_module":
+            if not has_module_rule(target):  # a rule's module returns a tensor: x[k] indexes it
+                out.add(fn)
+        elif not inplace and returns_tuple(target):
             out.add(fn)
     return out
 
@@ -313,7 +349,7 @@ def trace(model: nn.Module, n_inputs: int = 1) -> Graph:
     try:
         if hooked and n_inputs != 1:
             raise TypeError("hooks on a model that takes several inputs are run by the fallback")
-        traced = _fx_trace(root)
+        traced = _trace_finest(root)
     except Exception as exc:  # fx refuses data-dependent control flow and more
         graph = _whole_model(model, n_inputs)
         graph.reason = f"{type(exc).__name__}: {exc}"

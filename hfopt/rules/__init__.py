@@ -116,9 +116,13 @@ def has_module_rule(module: nn.Module) -> bool:
     return module_rule(module) is not None
 
 
-def fallback_module_rule(module: nn.Module, args: tuple, kwargs: dict) -> FallbackRule:
+def fallback_module_rule(module: nn.Module, args: tuple, kwargs: dict, part: Optional[int] = None) -> FallbackRule:
+    """The fallback for ``module(*args, **kwargs)`` (``[part]`` of its result when given)."""
     names = [n for n, p in module.named_parameters()]
-    return FallbackRule(module_function(module, args, kwargs), names, type(module).__name__)
+    fn = module_function(module, args, kwargs)
+    if part is None:
+        return FallbackRule(fn, names, type(module).__name__)
+    return FallbackRule(lambda inputs, params: fn(inputs, params)[part], names, f"{type(module).__name__}[{part}]")
 
 
 def fallback_function_rule(target: Callable, args: tuple, kwargs: dict) -> FallbackRule:
