@@ -556,7 +556,7 @@ def _sweeps(op: CurvatureOperator, v: Vector, residuals: bool) -> Vector:
     sweep (with the residuals for the Hessian).  A function of the operator, so
     that ``compile=True`` compiles it once for every operator of a model."""
     with torch.no_grad(), op._exact_dtypes():
-        v = [op._compute(t) for t in v]
+        v = [op._layout(op._compute(t)) for t in v]
         dirs = op._jvp_sweep(v, keep=residuals)
         d_out = dirs.get(op.graph.output.index)
         if d_out is None:

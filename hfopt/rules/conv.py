@@ -85,9 +85,7 @@ class ConvRule(Rule):
     def forward(self, inputs: Sequence[Tensor], params: Mapping[str, Optional[Tensor]]) -> Tensor:
         self.channels_last = self.channels_last and self.dim == 2 and inputs[0].dim() == 4
         x = self._layout(inputs[0])
-        # Weights stay in their own layout: oneDNN reorders any weight into its
-        # blocked format itself, so a channels-last copy would be pure overhead.
-        self.weight = params["weight"]
+        self.weight = self._layout(params["weight"])
         self.x = x if "weight" in self.trainable else None
         self.in_shape = x.shape
         return self._conv(x, self.weight, params.get("bias"))
@@ -103,7 +101,7 @@ class ConvRule(Rule):
         return self.weight.new_zeros(()).expand(self.in_shape)
 
     def jvp(self, din: Sequence[Optional[Tensor]], dparams: Mapping[str, Tensor]) -> Tensor:
-        dw, db = dparams.get("weight"), dparams.get("bias")
+        dw, db = self._layout(dparams.get("weight")), dparams.get("bias")
         din = [self._layout(din[0])]
         out = None
         if dw is not None:  # the bias direction rides along inside the convolution kernel
@@ -138,7 +136,7 @@ class ConvRule(Rule):
         return "weight" in self.trainable and self.active[0]
 
     def residual(self, g, din, dparams, need_inputs, need_params) -> Grads:
-        dx, dw = self._layout(din[0]), dparams.get("weight")
+        dx, dw = self._layout(din[0]), self._layout(dparams.get("weight"))
         mask = (bool(need_inputs[0]) and dw is not None, "weight" in need_params and dx is not None, False)
         if not any(mask):
             return [None], {}
