@@ -115,7 +115,19 @@ def main(argv=None) -> list:
               f"fallbacks {','.join(r.get('fallbacks', [])) or 'none'} ({r['seconds']} s)", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(rows, indent=1))
+    print(markdown(rows))
     return rows
+
+
+def markdown(rows: list) -> str:
+    """The README's table of a run."""
+    lines = ["| library | model | parameters | G@v error | H@v error | gradient error | fallbacks | outcome |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        errs = [f"{r[k]:.1e}" if k in r else "" for k in ("ggn", "hessian", "gradient")]
+        lines.append(f"| {r['source']} | `{r['model']}` | {r['params']:,} | {' | '.join(errs)} | "
+                     f"{', '.join(r.get('fallbacks', [])) or 'none'} | {r['outcome'][:80]} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
