@@ -9,7 +9,6 @@ torch.func fallback.  A model fx cannot trace becomes a single fallback node.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import operator
 import weakref
@@ -79,15 +78,22 @@ class _Tracer(fx.Tracer):
         # torch's own call machinery runs them, with the layer's forward
         # replaced by the node.  A hook that changes values becomes glue nodes
         # (``output * 0.5``); one that only reads (a feature tap) adds none.
-        node = functools.partial(super().call_module, m, forward)
+        made: list = []
+
+        def node(*a, **k):
+            made.append(super(_Tracer, self).call_module(m, forward, a, k))
+            return made[-1]
+
         own = m.__dict__.get("forward")
-        m.forward = lambda *a, **k: node(a, k)
+        m.forward = node
         try:
             return nn.Module._call_impl(m, *args, **kwargs)
         except Exception:
             # A hook fx cannot trace (``tuple(out.shape)``): the layer and its
-            # hooks become one node that only the fallback may serve.
-            proxy = node(args, kwargs)
+            # hooks become one node (the one already made, if a forward hook
+            # failed) that only the fallback may serve, on the original inputs.
+            pre_hooks = m._forward_pre_hooks or module_hooks._global_forward_pre_hooks
+            proxy = made[0] if made and not pre_hooks else node(*args, **kwargs)
             proxy.node.meta[WITH_HOOKS] = True
             return proxy
         finally:
