@@ -351,8 +351,9 @@ class CurvatureOperator(FlatOperator):
         if any(act) or trainable:
             active[i] = True
             self.steps.append(_Step(i, rule, refs, act, trainable))
-            if fallback and self._dp is None:  # a fallback holding collectives: each probe would be one more
-                rule.probe(second_order=self.residuals)
+            if fallback:
+                if self._dp is None:  # a fallback holding collectives: each probe would be one more
+                    rule.probe(second_order=self.residuals)
                 self._note_fallback(node, rule)
         return out
 
