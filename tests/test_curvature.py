@@ -576,8 +576,10 @@ def test_float32_products_are_as_accurate_as_float32_allows(name):
 
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_cuda_matches_cpu(train):
     model, x, y = ZOO["resnet_block"]()
+    model.train(train)
     v = rand_vec(model)
     cpu = {cls: cls(model, CE, x, y) @ v for cls in (hfopt.GGN, hfopt.Hessian)}
     gpu_model = copy.deepcopy(model).cuda()

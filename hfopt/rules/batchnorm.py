@@ -71,6 +71,10 @@ class BatchNormRule(Rule):
         """ATen's fused batch-norm backward kernel as a primitive: with zero mean
         and unit invstd it returns ``scale (t - <t> - u <u t>)``, ``sum(t u)`` and
         ``sum(t)`` in one pass over the data."""
+        if scale is None and t.is_cuda:
+            # CUDA's kernel without a weight raised "tensor does not have a
+            # device" (torch 2.11, H200); a unit weight changes none of the outputs.
+            scale = self._ones()
         return torch.ops.aten.native_batch_norm_backward(
             t, u, scale, None, None, self._zeros(), self._ones(), True, 0.0, mask)
 
@@ -79,8 +83,6 @@ class BatchNormRule(Rule):
         if self._kernels(t):
             tu, tt = channel_sums([(t, u), (t, None)]) / self.m
             return tu, tt
-        if t.is_cuda:  # see vjp: CUDA's kernel wants a weight
-            return (t * u).mean(self.dims), t.mean(self.dims)
         _, tu, tt = self._bn_backward(t, u, None, (False, True, True))
         return tu / self.m, tt / self.m
 
@@ -186,14 +188,8 @@ class BatchNormRule(Rule):
             gx, gsum_xh, gsum = self._bn_backward(g, self.xh, self.A, (bool(need_inputs[0]), True, True))
         else:
             gx = g * self._c(self.A) if need_inputs[0] else None
-            if self.xh is None:
-                gsum_xh, gsum = None, g.sum(self.dims)
-            elif g.is_cuda:
-                # CUDA's batch-norm backward without a weight in eval mode raised
-                # "tensor does not have a device" (torch 2.11, H200): two reductions.
-                gsum_xh, gsum = (g * self.xh).sum(self.dims), g.sum(self.dims)
-            else:
-                gsum_xh, gsum = self._bn_backward(g, self.xh, None, (False, True, True))[1:]
+            gsum_xh, gsum = self._bn_backward(g, self.xh, None, (False, True, True))[1:] \
+                if self.xh is not None else (None, g.sum(self.dims))
         if "weight" in need_params:
             gp["weight"] = gsum_xh
         if "bias" in need_params:
