@@ -7,6 +7,7 @@ products, concatenation and other maps that are linear in their tensor input.
 from __future__ import annotations
 
 import operator
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -54,7 +55,27 @@ class ReshapeRule(Rule):
         return [g.reshape(self.in_shape) if need_inputs[0] else None], {}
 
 
-class DropoutRule(Rule):
+class _MaskRule(Rule):
+    """``x * mask`` with a mask drawn once, in :meth:`draw`, when the operator is
+    built, and held for every product: the operator is the curvature of the
+    objective with that mask."""
+
+    @abstractmethod
+    def draw(self, x: Tensor) -> Tensor:
+        ...
+
+    def forward(self, inputs, params) -> Tensor:
+        self.mask = self.draw(inputs[0])
+        return inputs[0] * self.mask
+
+    def jvp(self, din, dparams) -> Tensor:
+        return din[0] * self.mask
+
+    def vjp(self, g, need_inputs, need_params) -> Grads:
+        return [g * self.mask if need_inputs[0] else None], {}
+
+
+class DropoutRule(_MaskRule):
     """Train-mode dropout: the mask is drawn once, when the operator is built,
     from torch's global generator exactly as ``F.dropout`` draws it on a
     contiguous input (a Bernoulli draw in memory order; on CUDA, out of place,
@@ -66,29 +87,20 @@ class DropoutRule(Rule):
     def __init__(self, p: float, inplace: bool = False):
         self.p, self.inplace = p, inplace
 
-    def forward(self, inputs, params) -> Tensor:
-        x = inputs[0]
+    def draw(self, x: Tensor) -> Tensor:
         if self.p == 1.0:
-            self.mask = torch.zeros_like(x)
-        elif x.is_cuda and not self.inplace:  # in place, CUDA draws as the CPU does
+            return torch.zeros_like(x)
+        if x.is_cuda and not self.inplace:  # in place, CUDA draws as the CPU does
             keep = torch.native_dropout(x.contiguous(), self.p, True)[1]
-            self.mask = keep.to(x.dtype).div_(1 - self.p)
-        else:
-            # In the input's own layout, as F.dropout draws, except the engine's
-            # channels-last maps, which the model holds contiguous.
-            cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-            like = torch.empty(x.shape, dtype=x.dtype, device=x.device) if cl else torch.empty_like(x)
-            self.mask = like.bernoulli_(1 - self.p).div_(1 - self.p)
-        return x * self.mask
-
-    def jvp(self, din, dparams) -> Tensor:
-        return din[0] * self.mask
-
-    def vjp(self, g, need_inputs, need_params) -> Grads:
-        return [g * self.mask if need_inputs[0] else None], {}
+            return keep.to(x.dtype).div_(1 - self.p)
+        # In the input's own layout, as F.dropout draws, except the engine's
+        # channels-last maps, which the model holds contiguous.
+        cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        like = torch.empty(x.shape, dtype=x.dtype, device=x.device) if cl else torch.empty_like(x)
+        return like.bernoulli_(1 - self.p).div_(1 - self.p)
 
 
-class StochasticDepthRule(Rule):
+class StochasticDepthRule(_MaskRule):
     """torchvision's ``stochastic_depth(x, p, mode)`` in training: ``x`` times a
     mask shaped ``[N, 1, ...]`` ('row': one draw per sample) or ``[1, ...]``
     ('batch'), drawn once when the operator is built exactly as torchvision
@@ -97,20 +109,11 @@ class StochasticDepthRule(Rule):
     def __init__(self, p: float, mode: str):
         self.p, self.mode = p, mode
 
-    def forward(self, inputs, params) -> Tensor:
-        x = inputs[0]
+    def draw(self, x: Tensor) -> Tensor:
         size = [x.shape[0]] + [1] * (x.dim() - 1) if self.mode == "row" else [1] * x.dim()
         keep = 1.0 - self.p
-        self.mask = torch.empty(size, dtype=x.dtype, device=x.device).bernoulli_(keep)
-        if keep > 0.0:
-            self.mask.div_(keep)
-        return x * self.mask
-
-    def jvp(self, din, dparams) -> Tensor:
-        return din[0] * self.mask
-
-    def vjp(self, g, need_inputs, need_params) -> Grads:
-        return [g * self.mask if need_inputs[0] else None], {}
+        mask = torch.empty(size, dtype=x.dtype, device=x.device).bernoulli_(keep)
+        return mask.div_(keep) if keep > 0.0 else mask
 
 
 def stochastic_depth_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rule]:
