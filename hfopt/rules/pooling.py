@@ -136,11 +136,17 @@ class AdaptiveAvgPoolRule(Rule):
         return self._pool(din[0])
 
     def vjp(self, g, need_inputs, need_params) -> Grads:
-        if not need_inputs[0]:
-            return [None], {}
-        x_like = _as_2d(g.new_zeros(()).expand(self.in_shape), self.dim)
-        gx = torch.ops.aten._adaptive_avg_pool2d_backward(_as_2d(g, self.dim).contiguous(), x_like)
-        return [gx.reshape(self.in_shape)], {}
+        return [adaptive_avg_transpose(g, self.in_shape, self.dim) if need_inputs[0] else None], {}
+
+
+def adaptive_avg_transpose(g: Tensor, in_shape: torch.Size, dim: int) -> Tensor:
+    """The transpose of ``adaptive_avg_pool{dim}d`` onto ``in_shape`` (ATen's
+    backward kernels; 1-d runs on the 2-d one with a unit height)."""
+    if dim == 3:
+        return torch.ops.aten._adaptive_avg_pool3d_backward(g, g.new_zeros(()).expand(in_shape))
+    x_like = _as_2d(g.new_zeros(()).expand(in_shape), dim)
+    gx = torch.ops.aten._adaptive_avg_pool2d_backward(_as_2d(g, dim).contiguous(), x_like)
+    return gx.reshape(in_shape)
 
 
 class AvgPool3dRule(AvgPoolRule):
@@ -167,12 +173,6 @@ class AdaptiveAvgPool3dRule(AdaptiveAvgPoolRule):
 
     def _pool(self, x: Tensor) -> Tensor:
         return F.adaptive_avg_pool3d(x, self._size2(x.shape))
-
-    def vjp(self, g, need_inputs, need_params) -> Grads:
-        if not need_inputs[0]:
-            return [None], {}
-        x_like = g.new_zeros(()).expand(self.in_shape)
-        return [torch.ops.aten._adaptive_avg_pool3d_backward(g, x_like)], {}
 
 
 class ArgmaxPoolRule(Rule):

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 from ..compiled import eager_scatter_add
 from .base import Grads, Input, Rule
 from .functional import _bind
+from .pooling import adaptive_avg_transpose
 
 _aten = torch.ops.aten
 # (mode, spatial dims) -> ATen backward kernel.  The linear family takes
@@ -80,21 +81,12 @@ class InterpolateRule(Rule):
             return [None], {}
         mode, dim = self.kwargs["mode"], len(self.out_size)
         if mode == "area":
-            return [_adaptive_avg_transpose(g, self.in_shape)], {}
+            return [adaptive_avg_transpose(g, self.in_shape, dim)], {}
         scales = self._scales(dim)
         if (mode, dim) in _NEAREST:
             return [_NEAREST[mode, dim](g, self.out_size, self.in_shape, *scales)], {}
         align = bool(self.kwargs["align_corners"])  # None means False for these modes
         return [_LINEAR[mode, dim](g, self.out_size, self.in_shape, align, *scales)], {}
-
-
-def _adaptive_avg_transpose(g: Tensor, in_shape: torch.Size) -> Tensor:
-    """Transpose of ``adaptive_avg_pool{1,2,3}d`` (mode 'area')."""
-    if len(in_shape) == 3:  # adaptive_avg_pool1d runs on the 2-d kernel with a unit height
-        gx = _adaptive_avg_transpose(g.unsqueeze(-2), in_shape[:2] + (1,) + in_shape[2:])
-        return gx.squeeze(-2)
-    op = _aten._adaptive_avg_pool2d_backward if len(in_shape) == 4 else _aten._adaptive_avg_pool3d_backward
-    return op(g, g.new_zeros(()).expand(in_shape))
 
 
 class PadRule(Rule):
