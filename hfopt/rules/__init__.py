@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from .activations import function_activation, function_elementwise, function_prelu, module_activation
-from .base import Input, Rule
+from .base import Input, Rule, bind_names
 from .batchnorm import BatchNormRule
 from .conv import ConvRule
 from .conv_transpose import ConvTransposeRule, function_conv_transpose, module_conv_transpose
@@ -264,12 +264,8 @@ def _glue_rule(target: Callable, args: tuple, kwargs: dict) -> Optional[Rule]:
 
 
 def _bind_dims(rest: tuple, kwargs: dict, names: Tuple[str, ...]) -> Optional[tuple]:
-    values = dict(zip(names, rest))
-    for k, v in kwargs.items():
-        if k not in names or k in values:
-            return None
-        values[k] = v
-    return tuple(values[n] for n in names) if len(values) == len(names) else None
+    values = bind_names(names, rest, kwargs)
+    return tuple(values[n] for n in names) if values is not None and len(values) == len(names) else None
 
 
 def _reduce_rule(mean: bool, rest: tuple, kwargs: dict) -> Optional[Rule]:

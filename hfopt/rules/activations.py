@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Grads, Input, Rule, sum_to_shape
+from .base import Grads, Input, Rule, bind_names, is_int, sum_to_shape
 from .functional import ParamsAsInputs
 
 _SQRT_2_PI = math.sqrt(2.0 / math.pi)
@@ -403,7 +403,7 @@ def module_activation(module: nn.Module) -> Optional[Rule]:
     if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
         # dim=None is PyTorch's deprecated implicit choice: left to the fallback.
         return SoftmaxRule(module.forward, module.dim, isinstance(module, nn.LogSoftmax)) \
-            if _is_int(module.dim) else None
+            if is_int(module.dim) else None
     if isinstance(module, nn.Softmax2d):  # its forward also checks for a 3-D or 4-D input
         return SoftmaxRule(module.forward, -3, False)
     return None
@@ -433,25 +433,8 @@ _FUNCTIONS: Dict[Callable, Tuple[str, Tuple[str, ...]]] = {
 _NUMBERS = {"negative_slope", "alpha", "min_val", "max_val", "beta", "threshold"}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, Real) and not isinstance(v, bool)
-
-
-def _bind(names: Tuple[str, ...], args: tuple, kwargs: dict) -> Optional[Dict[str, Any]]:
-    """``args`` and ``kwargs`` as a dict over ``names``; None for an extra or
-    unknown argument, or one given twice."""
-    if len(args) > len(names):
-        return None
-    bound = dict(zip(names, args))
-    for k, v in kwargs.items():
-        if k not in names or k in bound:
-            return None
-        bound[k] = v
-    return bound
 
 
 def function_activation(target, args: tuple, kwargs: dict, values: Sequence[Tensor] = ()) -> Optional[Rule]:
@@ -463,7 +446,7 @@ def function_activation(target, args: tuple, kwargs: dict, values: Sequence[Tens
     if entry is None:
         return None
     kind, names = entry
-    kw = _bind(names, args[1:], kwargs)
+    kw = bind_names(names, args[1:], kwargs)
     if kw is None:
         return None
     # Rules never write in place; the stack level only aims F.softmax's warning.
@@ -473,7 +456,7 @@ def function_activation(target, args: tuple, kwargs: dict, values: Sequence[Tens
         dtype = kw.pop("dtype", None)
         if dtype is not None and not (values and values[args[0].index].dtype == dtype):
             return None
-        if not _is_int(kw.get("dim")):  # None (the implicit choice) or a named dim
+        if not is_int(kw.get("dim")):  # None (the implicit choice) or a named dim
             return None
     if kind == "clamp":
         bounds = [kw.get(n) for n in _CLAMP]
@@ -492,7 +475,7 @@ def function_prelu(target, args: tuple, kwargs: dict) -> Optional[Rule]:
     both tensors inputs of the call (as :class:`Input` markers), or None."""
     if not any(target is p for p in _PRELU):
         return None
-    kw = _bind(("input", "weight"), args, kwargs)
+    kw = bind_names(("input", "weight"), args, kwargs)
     if kw is None or not isinstance(kw.get("input"), Input) or not isinstance(kw.get("weight"), Input):
         return None
     return ParamsAsInputs(PReLURule(), kw["input"], {"weight": kw["weight"]})

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -122,3 +122,22 @@ def sum_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
     dims = list(range(lead)) + [lead + i for i, s in enumerate(shape) if s == 1 and t.shape[lead + i] != 1]
     out = t.sum(dims, keepdim=True) if dims else t
     return out.reshape(shape)
+
+
+def is_int(v: Any) -> bool:
+    """An int argument (``True`` is not a dim or a size)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def bind_names(names: Sequence[str], args: tuple, kwargs: dict) -> Optional[Dict[str, Any]]:
+    """A call's ``args`` and ``kwargs`` as a dict over its parameter ``names``
+    (in positional order); None for an extra or unknown argument, or one given
+    twice: a form no rule should guess at."""
+    if len(args) > len(names):
+        return None
+    bound = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names or k in bound:
+            return None
+        bound[k] = v
+    return bound

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Grads, Input, Rule, add_optional, sum_to_shape
+from .base import Grads, Input, Rule, add_optional, is_int, sum_to_shape
 from .functional import ParamsAsInputs, _bind, _is_constant
 
 Shape = Tuple[int, ...]
@@ -389,7 +389,7 @@ def function_normalization(target: Callable, args: tuple, kwargs: dict, values: 
         return _layer_norm_rule(_bind(_LAYER_NORM, args, kwargs))
     if target is F.group_norm:
         a = _bind(_GROUP_NORM, args, kwargs)
-        if not _affine_call(a) or not _is_int(a["num_groups"]) or a["num_groups"] <= 0:
+        if not _affine_call(a) or not is_int(a["num_groups"]) or a["num_groups"] <= 0:
             return None
         return _with_params(NormalizationRule.group(a["num_groups"], float(a["eps"])), a)
     if target is F.instance_norm:
@@ -397,10 +397,6 @@ def function_normalization(target: Callable, args: tuple, kwargs: dict, values: 
     if target is torch._weight_norm:
         return _weight_norm_rule(_bind(_WEIGHT_NORM, args, kwargs), values)
     return None
-
-
-def _is_int(a: Any) -> bool:
-    return isinstance(a, int) and not isinstance(a, bool)
 
 
 def _affine_call(a: Optional[Dict[str, Any]]) -> bool:
@@ -417,8 +413,8 @@ def _layer_norm_rule(a: Optional[Dict[str, Any]]) -> Optional[Rule]:
     if not _affine_call(a):
         return None
     shape = a["normalized_shape"]
-    shape = (shape,) if _is_int(shape) else shape
-    if not isinstance(shape, (tuple, list)) or not shape or not all(_is_int(s) for s in shape):
+    shape = (shape,) if is_int(shape) else shape
+    if not isinstance(shape, (tuple, list)) or not shape or not all(is_int(s) for s in shape):
         return None
     return _with_params(NormalizationRule.layer(shape, float(a["eps"])), a)
 
@@ -437,7 +433,7 @@ def _instance_norm_rule(a: Optional[Dict[str, Any]], active: Sequence[bool]) -> 
 
 
 def _weight_norm_rule(a: Optional[Dict[str, Any]], values: Sequence[Tensor]) -> Optional[Rule]:
-    if a is None or not (isinstance(a["v"], Input) and isinstance(a["g"], Input)) or not _is_int(a["dim"]):
+    if a is None or not (isinstance(a["v"], Input) and isinstance(a["g"], Input)) or not is_int(a["dim"]):
         return None
     v, g = a["v"], a["g"]
     if v.index == g.index or not WeightNormRule.supports(values[v.index].shape, values[g.index].shape, a["dim"]):

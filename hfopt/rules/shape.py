@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ..compiled import eager_index_add
-from .base import Grads, Input, Rule, sum_to_shape
+from .base import Grads, Input, Rule, bind_names, sum_to_shape
 
 
 def call_any_layout(fn: Callable, *tensors: Any) -> Any:
@@ -122,11 +122,9 @@ def stochastic_depth_rule(target: Callable, args: tuple, kwargs: dict) -> Option
     if getattr(target, "__module__", None) != "torchvision.ops.stochastic_depth" or \
             getattr(target, "__name__", None) != "stochastic_depth":
         return None
-    names = ("input", "p", "mode", "training")
-    bound = dict(zip(names, args))
-    if set(kwargs) - set(names) or set(kwargs) & set(bound):
+    bound = bind_names(("input", "p", "mode", "training"), args, kwargs)
+    if bound is None:
         return None
-    bound.update(kwargs)
     p, mode, training = bound.get("p"), bound.get("mode"), bound.get("training", True)
     if not isinstance(p, (int, float)) or mode not in ("row", "batch") or not isinstance(training, bool):
         return None
