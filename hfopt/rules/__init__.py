@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from .activations import function_activation, function_elementwise, function_prelu, module_activation
+from .activations import function_activation, function_power, function_prelu, module_activation
 from .base import Input, Rule, bind_names
 from .batchnorm import BatchNormRule
 from .conv import ConvRule
@@ -207,7 +207,7 @@ def function_rule(target: Callable, args: tuple, kwargs: dict, values: Sequence[
     kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # rules never write in place
     if not _single_input(args):
         return function_prelu(target, args, kwargs) or _remaining_rule(target, args, kwargs)
-    rule = function_activation(target, args, kwargs, values) or function_elementwise(target, args, kwargs) or \
+    rule = function_activation(target, args, kwargs, values) or function_power(target, args, kwargs) or \
         function_pooling(target, args, kwargs)
     if rule is not None:
         return rule

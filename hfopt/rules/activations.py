@@ -336,6 +336,17 @@ class SoftmaxRule(Rule):
         return [ds * self._gc - self.s * self._dot(ds, g)], {}
 
 
+# Smooth elementwise maps met in custom forwards (weight standardization's
+# sqrt, a scale's exp): (f', f'') as functions of (x, y).
+_ELEMENTWISE = {
+    "sqrt": (torch.sqrt, lambda x, y: 0.5 / y, lambda x, y: -0.25 / (y * y * y)),
+    "rsqrt": (torch.rsqrt, lambda x, y: -0.5 * y ** 3, lambda x, y: 0.75 * y ** 5),
+    "exp": (torch.exp, lambda x, y: y, lambda x, y: y),
+    "log": (torch.log, lambda x, y: 1 / x, lambda x, y: -1 / (x * x)),
+    "reciprocal": (torch.reciprocal, lambda x, y: -y * y, lambda x, y: 2 * y * y * y),
+    "square": (torch.square, lambda x, y: 2 * x, lambda x, y: torch.full_like(x, 2.0)),
+}
+
 def activation_rule(kind: str, **kw) -> Rule:
     """The rule of an activation by name ('relu', 'tanh', 'gelu', ...)."""
     if kind == "relu":
@@ -366,6 +377,8 @@ def activation_rule(kind: str, **kw) -> Rule:
         return ElementwiseRule(F.mish, _mish_d1, _mish_d2)
     if kind == "softplus":
         return softplus_rule(kw.get("beta", 1.0), kw.get("threshold", 20.0))
+    if kind in _ELEMENTWISE:
+        return ElementwiseRule(*_ELEMENTWISE[kind])
     if kind in ("softmax", "log_softmax"):
         dim, log = kw["dim"], kind == "log_softmax"
         return SoftmaxRule((lambda x: torch.log_softmax(x, dim)) if log else (lambda x: torch.softmax(x, dim)),
@@ -429,6 +442,7 @@ _FUNCTIONS: Dict[Callable, Tuple[str, Tuple[str, ...]]] = {
     torch.Tensor.softmax: ("softmax", _T_SOFTMAX),
     F.log_softmax: ("log_softmax", _F_SOFTMAX), torch.log_softmax: ("log_softmax", _T_SOFTMAX),
     torch.Tensor.log_softmax: ("log_softmax", _T_SOFTMAX),
+    **{getattr(owner, kind): (kind, ()) for kind in _ELEMENTWISE for owner in (torch, torch.Tensor)},
 }
 _NUMBERS = {"negative_slope", "alpha", "min_val", "max_val", "beta", "threshold"}
 
@@ -481,26 +495,11 @@ def function_prelu(target, args: tuple, kwargs: dict) -> Optional[Rule]:
     return ParamsAsInputs(PReLURule(), kw["input"], {"weight": kw["weight"]})
 
 
-# Smooth elementwise maps met in custom forwards (weight standardization's
-# sqrt, a scale's exp): (f', f'') as functions of (x, y).
-_ELEMENTWISE = {
-    "sqrt": (torch.sqrt, lambda x, y: 0.5 / y, lambda x, y: -0.25 / (y * y * y)),
-    "rsqrt": (torch.rsqrt, lambda x, y: -0.5 * y ** 3, lambda x, y: 0.75 * y ** 5),
-    "exp": (torch.exp, lambda x, y: y, lambda x, y: y),
-    "log": (torch.log, lambda x, y: 1 / x, lambda x, y: -1 / (x * x)),
-    "reciprocal": (torch.reciprocal, lambda x, y: -y * y, lambda x, y: 2 * y * y * y),
-    "square": (torch.square, lambda x, y: 2 * x, lambda x, y: torch.full_like(x, 2.0)),
-}
-_ELEMENTWISE_FUNCTIONS = {getattr(owner, name): name for name in _ELEMENTWISE for owner in (torch, torch.Tensor)}
 _POWERS = {operator.pow, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__}
 
 
-def function_elementwise(target, args: tuple, kwargs: dict) -> Optional[Rule]:
-    """``sqrt``, ``rsqrt``, ``exp``, ``log``, ``reciprocal``, ``square`` of a
-    tensor and ``x ** c`` for a number ``c``, or None."""
-    name = _ELEMENTWISE_FUNCTIONS.get(target)
-    if name is not None:
-        return ElementwiseRule(*_ELEMENTWISE[name]) if len(args) == 1 and not kwargs else None
+def function_power(target, args: tuple, kwargs: dict) -> Optional[Rule]:
+    """``x ** c`` for a number ``c``, or None."""
     if target in _POWERS and len(args) == 2 and not kwargs and isinstance(args[1], (int, float)) \
             and not isinstance(args[1], bool):
         c = args[1]
