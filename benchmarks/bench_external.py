@@ -67,11 +67,10 @@ for p in (ROOT, ROOT / "benchmarks"):
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
-from torch.func import (functional_call, grad as func_grad, jvp as func_jvp,  # noqa: E402
-                        replace_all_batch_norm_modules_, vjp as func_vjp)
+from torch.func import functional_call, replace_all_batch_norm_modules_  # noqa: E402
 
 import hfopt  # noqa: E402
-from bench_curvature import Timer, code_version, med_ms, rel_err, status  # noqa: E402
+from bench_curvature import Baselines, Timer, code_version, med_ms, rel_err, status  # noqa: E402
 from models.external import EXTERNAL, build_external  # noqa: E402
 
 DEFAULT_MODELS = "resnet18,mobilenet_v2,efficientnet_b0,convnext_stack"
@@ -82,50 +81,22 @@ AGREE_F32 = 1e-3                 # float32 agreement of hfopt and torch.func pro
 
 
 # ----------------------------------------------------------------------------- torch.func
-class FuncBaseline:
-    """torch.func GGN and Hessian products at ``(model, x, y)``, on a copy of the
-    model whose BatchNorm layers keep no running statistics."""
+class FuncBaseline(Baselines):
+    """``bench_curvature``'s torch.func products at ``(model, x, y)``, on a copy of
+    the model whose BatchNorm layers keep no running statistics (these models'
+    BatchNorm subclasses and in-place updates are not cloned away as there)."""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor):
-        self.loss_fn, self.x, self.y = loss_fn, x, y
+        super().__init__(model, loss_fn, x, y)
         self.fmodel = replace_all_batch_norm_modules_(copy.deepcopy(model)).train(model.training)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in named]
-        self.P = {n: p.detach() for n, p in named}
 
     def f(self, P: Dict[str, Tensor]) -> Tensor:
         return functional_call(self.fmodel, P, (self.x,))
 
-    def L(self, P: Dict[str, Tensor]) -> Tensor:
-        return self.loss_fn(self.f(P), self.y)
-
-    def _out_hvp(self, z: Tensor, u: Tensor) -> Tensor:
-        return func_jvp(func_grad(lambda o: self.loss_fn(o, self.y)), (z,), (u,))[1]
-
-    def _dict(self, v: List[Tensor]) -> Dict[str, Tensor]:
-        return dict(zip(self.names, v))
-
-    def _list(self, d: Dict[str, Tensor]) -> List[Tensor]:
-        return [d[n] for n in self.names]
-
-    def gv(self, v: List[Tensor]) -> List[Tensor]:
-        z, Jv = func_jvp(self.f, (self.P,), (self._dict(v),))
-        _, vjp_fn = func_vjp(self.f, self.P)
-        return self._list(vjp_fn(self._out_hvp(z.detach(), Jv))[0])
-
-    def prepare_cached(self) -> None:
-        self._z, self._vjp = func_vjp(self.f, self.P)
-
-    def gv_cached(self, v: List[Tensor]) -> List[Tensor]:
-        _, Jv = func_jvp(self.f, (self.P,), (self._dict(v),))
-        return self._list(self._vjp(self._out_hvp(self._z, Jv))[0])
-
-    def hv(self, v: List[Tensor]) -> List[Tensor]:
-        return self._list(func_jvp(func_grad(self.L), (self.P,), (self._dict(v),))[1])
-
     def release(self) -> None:
-        self.__dict__.pop("_z", None)
-        self.__dict__.pop("_vjp", None)
+        """Drop the cached vjp closure (its saved activations) before the next model."""
+        self.__dict__.pop("_fz", None)
+        self.__dict__.pop("_fvjp", None)
 
 
 # ----------------------------------------------------------------------------- per model
@@ -154,7 +125,7 @@ def bench_model(name: str, args, timer: Timer) -> dict:
     func = FuncBaseline(model, loss_fn, x, y)
 
     # apples to apples: the same products, once, in float32
-    agree = {"gv": rel_err(G @ v, func.gv(v)), "hv": rel_err(H @ v, func.hv(v))}
+    agree = {"gv": rel_err(G @ v, func.func_gv(v)), "hv": rel_err(H @ v, func.func_hv(v))}
     print(f"  [{name}] float32 hfopt vs torch.func: G@v rel err {agree['gv']:.2e}, H@v rel err {agree['hv']:.2e}; "
           f"fallbacks: {fallbacks or 'none'}", file=sys.stderr, flush=True)
     if args.check64:
@@ -163,16 +134,16 @@ def bench_model(name: str, args, timer: Timer) -> dict:
         m64 = copy.deepcopy(model).double()
         f64 = FuncBaseline(m64, loss_fn, x.double(), y)
         v64 = [t.double() for t in v]
-        ref = {"gv": f64.gv(v64), "hv": f64.hv(v64)}
+        ref = {"gv": f64.func_gv(v64), "hv": f64.func_hv(v64)}
         del m64, f64
 
         def d(vec):
             return [t.double() for t in vec]
 
         agree.update({"hf_gv_vs_f64": rel_err(d(G @ v), ref["gv"]),
-                      "func_gv_vs_f64": rel_err(d(func.gv(v)), ref["gv"]),
+                      "func_gv_vs_f64": rel_err(d(func.func_gv(v)), ref["gv"]),
                       "hf_hv_vs_f64": rel_err(d(H @ v), ref["hv"]),
-                      "func_hv_vs_f64": rel_err(d(func.hv(v)), ref["hv"])})
+                      "func_hv_vs_f64": rel_err(d(func.func_hv(v)), ref["hv"])})
         del ref
         print(f"  [{name}] against float64 torch.func: G@v hfopt {agree['hf_gv_vs_f64']:.2e}, torch.func "
               f"{agree['func_gv_vs_f64']:.2e}; H@v hfopt {agree['hf_hv_vs_f64']:.2e}, torch.func "
@@ -183,16 +154,16 @@ def bench_model(name: str, args, timer: Timer) -> dict:
         loss = loss_fn(model(x), y)
         loss.backward()
 
-    func.prepare_cached()
+    func.prepare_func_gv_cached()
     contenders: Dict[str, Callable] = {
         "grad": grad,
         "hf_build_ggn": lambda: hfopt.GGN(model, loss_fn, x, y),
         "hf_build_hessian": lambda: hfopt.Hessian(model, loss_fn, x, y),
         "hf_gv": lambda: G @ v,
         "hf_hv": lambda: H @ v,
-        "func_gv": lambda: func.gv(v),
-        "func_gv_cached": lambda: func.gv_cached(v),
-        "func_hv": lambda: func.hv(v),
+        "func_gv": lambda: func.func_gv(v),
+        "func_gv_cached": lambda: func.func_gv_cached(v),
+        "func_hv": lambda: func.func_hv(v),
     }
     print(f"  [{name}] {n_params:,} parameters, {len(G.steps)} rule steps; timing {len(contenders)} contenders x "
           f"{args.rounds} rounds of {args.block} ...", file=sys.stderr, flush=True)

@@ -204,7 +204,7 @@ def _thaw(a: Any) -> Any:
     do ``x[i] = branch(x[i])``)."""
     if isinstance(a, (list, tuple)):
         items = [_thaw(t) for t in a]
-        return items if isinstance(a, list) else type(a)(items) if type(a) is tuple else tuple(items)
+        return items if isinstance(a, list) else tuple(items)
     if isinstance(a, dict):
         return {k: _thaw(t) for k, t in a.items()}
     return a
