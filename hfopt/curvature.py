@@ -348,6 +348,8 @@ class CurvatureOperator(FlatOperator):
             conv.channels_last = self.channels_last
         rule.setup(act, tuple(trainable))
         out = rule.forward(tensors, params)
+        if fallback and not out.is_floating_point():
+            return out  # integer results (argmax, the indices of max(dim)) carry no direction: constants
         if any(act) or trainable:
             active[i] = True
             self.steps.append(_Step(i, rule, refs, act, trainable))
