@@ -166,13 +166,13 @@ def step_model(D: float, R: float, n: float, S: float, K: int, alpha: float, ban
 
 
 def projection(one: Dict[str, float], params: int, alpha: float, bandwidth: float,
-               network: str) -> Optional[Dict[str, Any]]:
+               network: str, scaling: Path = SCALING) -> Optional[Dict[str, Any]]:
     """Expected time to target on K workers: the scaling study's own measured
     seconds per step (1 process) split by this benchmark's divisible fraction,
     plus the modelled all-reduces, times the study's steps to target."""
-    if not SCALING.is_file():
+    if not scaling.is_file():
         return None
-    study = json.loads(SCALING.read_text())
+    study = json.loads(scaling.read_text())
     divisible = (one["wall_time"] - one["time_other"]) / one["wall_time"]
     S = 4.0 * params  # float32 parameter-sized vectors
     out: Dict[str, Any] = {"network": network, "divisible_fraction": divisible, "batches": {}}
@@ -240,15 +240,30 @@ def report(res: Dict[str, Any]) -> str:
                   f"modelled all-reduces ({proj['network']}), times its steps to target ('>': not reached, "
                   "a lower bound):", "",
                   "| batch | K | HF step (s) | HF steps | HF time to target (s) | SGD step (s) | SGD steps | "
-                  "SGD time to target (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "SGD time to target (s) | first to target |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        wins = []
         for b, info in proj["batches"].items():
             for r in info["rows"]:
                 hf_t = ("" if info["hf_reached"] else "> ") + f"{r['hf_time']:.1f}"
                 sgd_t = ("" if info["sgd_reached"] else "> ") + f"{r['sgd_time']:.1f}"
+                first = first_to_target(r, info)
+                if first == "HF":
+                    wins.append(f"batch {b}, K = {r['K']}")
                 lines.append(f"| {b} | {r['K']} | {r['hf_step']:.3f} | {fmt_steps(info['hf_steps'], info['hf_reached'])}"
                              f" | {hf_t} | {r['sgd_step']:.4f} | {fmt_steps(info['sgd_steps'], info['sgd_reached'])}"
-                             f" | {sgd_t} |")
+                             f" | {sgd_t} | {first} |")
+        lines += ["", "HF first to target at: " + ("; ".join(wins) if wins else "none of these batch sizes and K") + "."]
     return "\n".join(lines)
+
+
+def first_to_target(row: Dict[str, Any], info: Dict[str, Any]) -> str:
+    """'HF', 'SGD' or 'open': a run that did not reach gives only a lower bound on its time."""
+    hf, sgd = row["hf_time"], row["sgd_time"]
+    if info["hf_reached"] and (hf < sgd if info["sgd_reached"] else hf <= sgd):
+        return "HF"
+    if info["sgd_reached"] and (sgd < hf if info["hf_reached"] else sgd <= hf):
+        return "SGD"
+    return "open"
 
 
 def main() -> None:
@@ -259,6 +274,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="timed steps per run (after one warm-up step)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out-json", default=str(OUT))
+    parser.add_argument("--scaling", default=str(SCALING), metavar="PATH",
+                        help="results.json of examples/scaling.py whose steps to target are projected")
     parser.add_argument("--from-json", default=None, metavar="PATH",
                         help="re-analyse the measurements saved in PATH instead of measuring")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -307,7 +324,7 @@ def main() -> None:
         },
         "runs": {str(k): v for k, v in runs.items()},
     }
-    proj = [projection(one, params, a, bw, name)
+    proj = [projection(one, params, a, bw, name, Path(args.scaling))
             for name, a, bw in (("this machine's loopback constants", alpha, bandwidth),
                                 ("assumed 10 GbE", ASSUMED_NETWORK["alpha"], ASSUMED_NETWORK["bandwidth"]))]
     res["projection"] = [p for p in proj if p is not None]

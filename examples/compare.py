@@ -84,6 +84,8 @@ DEFAULT_BUDGET = {"digits": 45.0, "cifar10": 600.0}
 DEFAULT_SGD_LRS = (1.0, 0.3, 0.1, 0.03, 0.01)
 DEFAULT_ADAM_LRS = (3e-3, 1e-3, 3e-4)
 DEFAULT_SOAP_LRS = (1e-2, 3e-3, 1e-3)
+DEFAULT_LBFGS_LRS = (1.0, 0.3, 0.1)
+DEFAULT_KFAC_LRS = (0.01, 0.003, 0.001)
 QUICK = {"budget": 2.0, "grid_budget": 0.4}
 # SGD/Adam/SOAP epochs take less time than an evaluation pass (20k images on
 # CIFAR-10, a few hundred first-order epochs on digits); evaluating every 5th /
@@ -93,17 +95,33 @@ FIRST_ORDER_EVAL_EVERY = {"digits": 5, "cifar10": 2}
 # and an oversubscribed second thread (any other load on the machine) slows
 # small kernels down many times over, which would make the timings meaningless.
 DEFAULT_THREADS = {"digits": 1, "cifar10": None}
-COLORS = {"hf": "tab:red", "sgd": "tab:blue", "adam": "tab:green", "soap": "tab:purple"}
-LABELS = {"hf": "Hessian-free", "sgd": "SGD + momentum", "adam": "Adam", "soap": "SOAP"}
+COLORS = {"hf": "tab:red", "sgd": "tab:blue", "adam": "tab:green", "soap": "tab:purple", "lbfgs": "tab:orange",
+          "kfac": "tab:brown"}
+LABELS = {"hf": "Hessian-free", "sgd": "SGD + momentum", "adam": "Adam", "soap": "SOAP", "lbfgs": "L-BFGS",
+          "kfac": "K-FAC"}
 # Custom Scalars charts: each draws the matching tag of every run.  The plugin
 # matches tags with re.match (anchored at the start only), hence the "$".
-LAYOUT = {"compare (x: training examples seen)": {
-    "train loss (full pass, eval mode)": ["Multiline", [r"^train/epoch_loss$"]],
-    "mini-batch loss (before each step)": ["Multiline", [r"^train/loss$"]],
-    "validation accuracy": ["Multiline", [r"^val/accuracy$"]],
-    "test accuracy": ["Multiline", [r"^test/accuracy$"]],
-    "training seconds": ["Multiline", [r"^time/wall$"]],
-}}
+LAYOUT = {
+    "compare (x: training examples seen)": {
+        "log10 train loss (full pass, eval mode)": ["Multiline", [r"^train/log10_epoch_loss$"]],
+        "train loss (full pass, eval mode)": ["Multiline", [r"^train/epoch_loss$"]],
+        "mini-batch loss (before each step)": ["Multiline", [r"^train/loss$"]],
+        "validation loss": ["Multiline", [r"^val/loss$"]],
+        "test loss": ["Multiline", [r"^test/loss$"]],
+        "validation accuracy": ["Multiline", [r"^val/accuracy$"]],
+        "test accuracy": ["Multiline", [r"^test/accuracy$"]],
+        "training seconds": ["Multiline", [r"^time/wall$"]],
+    },
+    "Hessian-free diagnostics (x: training examples seen)": {
+        "log10 damping lambda": ["Multiline", [r"^hf/log10_damping$"]],
+        "reduction ratio rho": ["Multiline", [r"^hf/rho$"]],
+        "reductions (actual, predicted; positive = loss went down)":
+            ["Multiline", [r"^hf/actual_reduction$", r"^hf/predicted_reduction$"]],
+        "CG iterations": ["Multiline", [r"^hf/cg_iterations$"]],
+        "line-search step length": ["Multiline", [r"^hf/line_search_step$"]],
+        "seconds per step": ["Multiline", [r"^hf/wall_time$", r"^hf/curvature_time$"]],
+    },
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Adam learning-rate grid")
     parser.add_argument("--soap-lrs", type=float, nargs="+", default=list(DEFAULT_SOAP_LRS),
                         help="SOAP learning-rate grid")
+    parser.add_argument("--lbfgs-lrs", type=float, nargs="+", default=list(DEFAULT_LBFGS_LRS),
+                        help="L-BFGS (strong Wolfe) learning-rate grid: its first trial step length")
+    parser.add_argument("--kfac-lrs", type=float, nargs="+", default=list(DEFAULT_KFAC_LRS),
+                        help="K-FAC (ASDL, SGD with momentum on the preconditioned gradient) learning-rate grid")
     parser.add_argument("--warmup-steps", type=int, default=train.DEFAULT_WARMUP_STEPS, metavar="W",
                         help="steps of linear learning-rate warm-up in every sgd/adam/soap run, grid included")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -213,8 +235,10 @@ def grid_logdir(args: argparse.Namespace) -> Path:
 
 def first_order_args(args: argparse.Namespace, optimizer: str, lr: float) -> list:
     """train.py arguments of a run of ``optimizer`` (not hf) at learning rate ``lr``."""
-    extra = ["--lr", lr, "--warmup-steps", args.warmup_steps, "--eval-every", args.first_order_eval_every]
-    if optimizer == "sgd":
+    # L-BFGS's steps are few and costly, like HF's: evaluated after every epoch, like HF.
+    every = 1 if optimizer == "lbfgs" else args.first_order_eval_every
+    extra = ["--lr", lr, "--warmup-steps", args.warmup_steps, "--eval-every", every]
+    if optimizer in ("sgd", "kfac"):
         extra += ["--momentum", args.momentum]
     return extra
 
@@ -411,6 +435,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             train.load_soap()
         except ImportError as err:  # fail now, not after the other optimizers' grids
             raise SystemExit(f"{err}; or leave soap out of --optimizers") from err
+    if "kfac" in args.optimizers:
+        import kfac
+
+        try:
+            kfac.load_asdl()
+        except ImportError as err:
+            raise SystemExit(f"{err}; or leave kfac out of --optimizers") from err
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = args.device or ("cuda" if train.torch.cuda.is_available() else "cpu")
@@ -424,7 +455,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     chosen: dict[str, float] = {}
     grids: dict[str, list[dict]] = {}
-    for name, lrs in (("sgd", args.sgd_lrs), ("adam", args.adam_lrs), ("soap", args.soap_lrs)):
+    for name, lrs in (("sgd", args.sgd_lrs), ("adam", args.adam_lrs), ("soap", args.soap_lrs),
+                      ("lbfgs", args.lbfgs_lrs), ("kfac", args.kfac_lrs)):
         if name in args.optimizers:
             chosen[name], grids[name] = lr_grid(args, name, lrs)
             print(f"[grid] {name}: chose lr {_lr_tag(chosen[name])}", flush=True)
@@ -436,6 +468,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "sgd": f"lr {_lr_tag(chosen.get('sgd', math.nan))}{warmup}, momentum {args.momentum:g}, batch 128",
         "adam": f"lr {_lr_tag(chosen.get('adam', math.nan))}{warmup}, batch 128",
         "soap": f"lr {_lr_tag(chosen.get('soap', math.nan))}{warmup}, batch 128",
+        "lbfgs": f"lr {_lr_tag(chosen.get('lbfgs', math.nan))}{warmup}, strong Wolfe, batch 512",
+        "kfac": f"lr {_lr_tag(chosen.get('kfac', math.nan))}{warmup}, momentum {args.momentum:g}, batch 128",
     }
     runs: dict[str, list[dict]] = {name: [] for name in args.optimizers}
     for seed in args.seeds:
@@ -458,7 +492,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             "data": args.data, "model": args.model, "budget": args.budget, "grid_budget": args.grid_budget,
             "seeds": args.seeds, "optimizers": args.optimizers, "hf_args": args.hf_args,
             "first_order_eval_every": args.first_order_eval_every, "sgd_lrs": args.sgd_lrs,
-            "adam_lrs": args.adam_lrs, "soap_lrs": args.soap_lrs, "warmup_steps": args.warmup_steps,
+            "adam_lrs": args.adam_lrs, "soap_lrs": args.soap_lrs, "lbfgs_lrs": args.lbfgs_lrs, "kfac_lrs": args.kfac_lrs,
+            "warmup_steps": args.warmup_steps,
             "momentum": args.momentum,
             "device": device, "threads": train.torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "torch": train.torch.__version__,

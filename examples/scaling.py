@@ -102,15 +102,24 @@ from torch.utils.data import TensorDataset  # noqa: E402
 
 from models import build_model  # noqa: E402
 
-CONTENDERS = ("hf", "sgd", "adam", "soap")
-LABELS = {"hf": "Hessian-free", "sgd": "SGD + momentum", "adam": "Adam", "soap": "SOAP"}
-COLORS = {"hf": "tab:red", "sgd": "tab:blue", "adam": "tab:green", "soap": "tab:purple"}
-MARKERS = {"hf": "o", "sgd": "s", "adam": "^", "soap": "D"}
+CONTENDERS = ("hf", "sgd", "adam", "soap", "lbfgs", "kfac")
+LABELS = {"hf": "Hessian-free", "sgd": "SGD + momentum", "adam": "Adam", "soap": "SOAP", "lbfgs": "L-BFGS",
+          "kfac": "K-FAC"}
+COLORS = {"hf": "tab:red", "sgd": "tab:blue", "adam": "tab:green", "soap": "tab:purple", "lbfgs": "tab:orange",
+          "kfac": "tab:brown"}
+MARKERS = {"hf": "o", "sgd": "s", "adam": "^", "soap": "D", "lbfgs": "v", "kfac": "P"}
 # The learning-rate grids are stated for this batch size and scaled from it.
 REFERENCE_BATCH = 128
-DEFAULT_LRS = {"sgd": (0.03, 0.1, 0.3), "adam": (3e-4, 1e-3, 3e-3), "soap": (1e-3, 3e-3, 1e-2)}
-# The issue's claim: at batch >= CLAIM_BATCH, HF needs at most CLAIM_RATIO of SGD's steps.
+DEFAULT_LRS = {"sgd": (0.03, 0.1, 0.3), "adam": (3e-4, 1e-3, 3e-3), "soap": (1e-3, 3e-3, 1e-2),
+               "lbfgs": (0.1, 0.3, 1.0), "kfac": (1e-3, 3e-3, 1e-2)}
+# L-BFGS's rate is the first trial step of its strong-Wolfe line search, a fraction of
+# the quasi-Newton step: it does not grow with the batch as a gradient step's does.
+UNSCALED = ("lbfgs",)
+# The claims under test: at batch >= CLAIM_BATCH, HF needs at most these fractions of each peer's steps.
 CLAIM_BATCH, CLAIM_RATIO = 2048, 0.2
+CLAIM_RATIOS = {"sgd": CLAIM_RATIO, "adam": 1 / 3, "soap": 1 / 3}
+# Past the critical batch size, doubling the batch cuts the steps by less than 2 ** -0.5 (30%).
+CRITICAL_EXPONENT = 0.5
 # --quick: enough of everything to exercise every code path in seconds.
 QUICK = {
     "batch_sizes": [16, 32, 64], "train_samples": 256, "val_samples": 256, "target": 2.0,
@@ -144,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up steps")
     parser.add_argument("--lr-scaling", type=float, default=0.5, metavar="POWER",
                         help=f"grids are for batch {REFERENCE_BATCH}, multiplied by (B/{REFERENCE_BATCH})**POWER")
-    for name in ("sgd", "adam", "soap"):
+    for name in ("sgd", "adam", "soap", "lbfgs", "kfac"):
         parser.add_argument(f"--{name}-lrs", type=float, nargs="+", default=list(DEFAULT_LRS[name]),
                             help=f"{LABELS[name]} learning-rate grid at batch {REFERENCE_BATCH}")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -160,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=str(Path("results") / "scaling"),
                         help="folder for scaling.png, results.md, results.json")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="run nothing: combine the results.json of runs of one study split over "
+                             "processes by --optimizers into --out")
     parser.add_argument("--quick", action="store_true",
                         help="seconds-long smoke run: batches 16 32 64, 256 samples, target 2.0, tiny budgets "
                              "(explicit options still win)")
@@ -208,6 +220,16 @@ def soap_available() -> bool:
     return True
 
 
+def kfac_available() -> bool:
+    import kfac
+
+    try:
+        kfac.load_asdl()
+    except ImportError:
+        return False
+    return True
+
+
 def _package_version(name: str) -> Optional[str]:
     try:
         return importlib.metadata.version(name)
@@ -251,6 +273,12 @@ def make_optimizer(name: str, model: nn.Module, lr: Optional[float], args: argpa
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
+    if name == "lbfgs":
+        return torch.optim.LBFGS(model.parameters(), lr=lr, line_search_fn="strong_wolfe")
+    if name == "kfac":
+        from kfac import KFAC
+
+        return KFAC(model, lr=lr, momentum=args.momentum)  # type: ignore[return-value]
     return train.load_soap()(model.parameters(), lr=lr, weight_decay=0.0)
 
 
@@ -266,7 +294,7 @@ class Run:
         self.loss_fn = nn.CrossEntropyLoss()
         self.optimizer = make_optimizer(name, self.model, lr, args)
         self.batches = batches(len(data["train"]), batch_size, torch.Generator().manual_seed(args.seed))
-        self.steps, self.seconds, self.loss = 0, 0.0, math.nan
+        self.steps, self.seconds, self.loss, self.closure_calls = 0, 0.0, math.nan, 0
         self.log: list[dict[str, Any]] = []  # per step: the batch loss, plus HF's diagnostics
 
     @property
@@ -289,6 +317,7 @@ class Run:
                 return self.loss_fn(outputs, y), outputs  # HF differentiates itself
         else:
             def closure():
+                self.closure_calls += 1  # L-BFGS calls it up to 25 times per step
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.loss_fn(self.model(x), y)
                 loss.backward()
@@ -302,7 +331,10 @@ class Run:
         index = next(self.batches).to(self.device)
         x, y = self.data["train"].tensors[0][index], self.data["train"].tensors[1][index]
         self._warm_up()
-        self.loss = float(self.optimizer.step(self._closure(x, y)).detach())
+        if self.name == "kfac":  # ASDL runs its own forward and backward (examples/kfac.py)
+            self.loss = float(self.optimizer.step_batch(self.model, self.loss_fn, x, y)[0])
+        else:
+            self.loss = float(self.optimizer.step(self._closure(x, y)).detach())
         self._sync()
         self.seconds += time.perf_counter() - start
         self.steps += 1
@@ -341,7 +373,7 @@ class Run:
 # --------------------------------------------------------------------------- tuning
 def lr_grid(args: argparse.Namespace, name: str, batch_size: int) -> list[float]:
     base = getattr(args, f"{name}_lrs")
-    factor = (batch_size / REFERENCE_BATCH) ** args.lr_scaling
+    factor = 1.0 if name in UNSCALED else (batch_size / REFERENCE_BATCH) ** args.lr_scaling
     return sorted(float(f"{lr * factor:.3g}") for lr in base)
 
 
@@ -379,6 +411,7 @@ def run_to_target(args: argparse.Namespace, data: dict[str, Any], name: str, bat
             while next_eval <= run.steps * batch_size:
                 next_eval += args.eval_every_examples
             history.append(run.measure("train"))
+            print(_progress(run, history[-1]), flush=True)
             if history[-1]["train_loss"] <= args.target:
                 reached = history[-1]
     outcome = {
@@ -387,10 +420,24 @@ def run_to_target(args: argparse.Namespace, data: dict[str, Any], name: str, bat
         "seconds": (reached or history[-1])["time"], "final_train_loss": history[-1]["train_loss"],
         "history": history, "step_log": run.log,
     }
+    if name == "lbfgs":
+        outcome["closure_calls"] = run.closure_calls
     if name == "hf":
         outcome["hf_rejected_steps"] = sum(not r.get("accepted", True) for r in run.log)
         outcome["hf_mean_cg_iterations"] = sum(r.get("cg_iterations") or 0 for r in run.log) / max(run.steps, 1)
     return outcome
+
+
+def _progress(run: Run, record: dict[str, Any]) -> str:
+    """One line per measurement, with HF's damping, rho and CG iterations of the last step."""
+    line = (f"  B={run.batch_size} {run.name} step {run.steps}: train loss {record['train_loss']:.4f}, "
+            f"{run.seconds:.1f} s")
+    last = run.log[-1] if run.log else {}
+    if run.name == "hf" and last:
+        line += (f"; lambda {last.get('damping', math.nan):.3g}, rho {last.get('rho', math.nan):.3g}, "
+                 f"CG {last.get('cg_iterations')} ({last.get('cg_stop_reason')}), "
+                 f"step length {last.get('line_search_step', math.nan):.3g}")
+    return line
 
 
 def _describe(name: str, batch_size: int, outcome: dict[str, Any]) -> str:
@@ -400,13 +447,13 @@ def _describe(name: str, batch_size: int, outcome: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- the ratio
-def step_ratio(hf: dict[str, Any], sgd: dict[str, Any]) -> dict[str, Any]:
-    """HF steps / SGD steps to target: exact, an upper bound (only HF reached), a lower bound
-    (only SGD reached) or unknown (neither)."""
-    if not (hf["reached"] or sgd["reached"]):
+def step_ratio(hf: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
+    """HF steps / a peer's steps to target: exact, an upper bound (only HF reached), a lower
+    bound (only the peer reached) or unknown (neither)."""
+    if not (hf["reached"] or peer["reached"]):
         return {"value": None, "kind": "unknown"}
-    kind = "exact" if hf["reached"] and sgd["reached"] else ("upper" if hf["reached"] else "lower")
-    return {"value": hf["steps"] / max(sgd["steps"], 1), "kind": kind}
+    kind = "exact" if hf["reached"] and peer["reached"] else ("upper" if hf["reached"] else "lower")
+    return {"value": hf["steps"] / max(peer["steps"], 1), "kind": kind}
 
 
 def format_ratio(ratio: dict[str, Any]) -> str:
@@ -416,21 +463,67 @@ def format_ratio(ratio: dict[str, Any]) -> str:
     return f"{prefix}{ratio['value']:.3g}"
 
 
-def claim_verdict(ratios: dict[int, dict[str, Any]]) -> str:
-    """Whether HF needs at most CLAIM_RATIO of SGD's steps at every batch >= CLAIM_BATCH."""
+def claim_verdict(ratios: dict[int, dict[str, Any]], bound: float = CLAIM_RATIO) -> str:
+    """Whether HF needs at most ``bound`` of a peer's steps at every batch >= CLAIM_BATCH."""
     relevant = {b: r for b, r in ratios.items() if b >= CLAIM_BATCH}
     if not relevant:
-        return f"not tested: no batch size >= {CLAIM_BATCH} with both HF and SGD"
+        return f"not tested: no batch size >= {CLAIM_BATCH} with both contenders"
     verdicts = []
     for b, r in sorted(relevant.items()):
         v = r["value"]
-        holds = v is not None and v <= CLAIM_RATIO and r["kind"] in ("exact", "upper")
-        fails = v is not None and v > CLAIM_RATIO and r["kind"] in ("exact", "lower")
+        holds = v is not None and v <= bound and r["kind"] in ("exact", "upper")
+        fails = v is not None and v > bound and r["kind"] in ("exact", "lower")
         verdicts.append((b, "holds" if holds else "fails" if fails else "undetermined"))
     overall = ("holds" if all(v == "holds" for _, v in verdicts)
                else "fails" if any(v == "fails" for _, v in verdicts) else "undetermined")
     detail = ", ".join(f"B={b}: {v}" for b, v in verdicts)
     return f"{overall} ({detail})"
+
+
+def all_ratios(runs: dict[int, dict[str, Any]], names: Sequence[str]) -> dict[str, dict[int, dict[str, Any]]]:
+    """HF's step ratio to every other contender, per batch size where both ran."""
+    if "hf" not in names:
+        return {}
+    return {peer: {b: step_ratio(runs[b]["hf"], runs[b][peer]) for b in sorted(runs)
+                   if "hf" in runs[b] and peer in runs[b]} for peer in names if peer != "hf"}
+
+
+def all_claims(ratios: dict[str, dict[int, dict[str, Any]]]) -> dict[str, str]:
+    return {peer: claim_verdict(r, CLAIM_RATIOS[peer]) for peer, r in ratios.items() if peer in CLAIM_RATIOS}
+
+
+def critical_batch(outcomes: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Where growing the batch stops paying in steps.
+
+    Between successive batch sizes B1 < B2 the local exponent is
+    a = log(S1 / S2) / log(B2 / B1): 1 when the steps fall as fast as the
+    batch grows (perfect scaling), 0 when they do not fall at all.  The
+    critical batch size is the last B up to which every step kept a >=
+    CRITICAL_EXPONENT (doubling the batch still cut the steps by at least
+    2 ** -CRITICAL_EXPONENT, about 30%).  Only reached targets count; a
+    segment ending in a run that did not reach is unknown, and stops the
+    search.  None when even the first segment scales worse."""
+    sizes = sorted(outcomes)
+    exponents: dict[int, Optional[float]] = {}
+    for b1, b2 in zip(sizes, sizes[1:]):
+        o1, o2 = outcomes[b1], outcomes[b2]
+        known = o1["reached"] and o2["reached"] and o1["steps"] > 0 and o2["steps"] > 0
+        exponents[b2] = math.log(o1["steps"] / o2["steps"]) / math.log(b2 / b1) if known else None
+    critical: Optional[int] = None
+    for b1, b2 in zip(sizes, sizes[1:]):
+        a = exponents[b2]
+        if a is None:
+            return {"exponents": exponents, "critical": critical, "at_least": False}
+        if a < CRITICAL_EXPONENT:
+            return {"exponents": exponents, "critical": critical or b1, "at_least": False}
+        critical = b2
+    return {"exponents": exponents, "critical": critical, "at_least": critical is not None}
+
+
+def format_critical(c: dict[str, Any]) -> str:
+    if c["critical"] is None:
+        return "unknown"
+    return f">= {c['critical']} (scales to the largest batch tried)" if c["at_least"] else str(c["critical"])
 
 
 # --------------------------------------------------------------------------- reporting
@@ -445,7 +538,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         f"# {cfg['data']} / {cfg['model']}: steps to train loss {cfg['target']:g} vs batch size", "",
         f"{cfg['train_samples']} training samples; full train loss (eval mode, BatchNorm statistics "
         f"re-estimated) every {cfg['eval_every_examples']} examples; at most {cfg['max_epochs']:g} epochs "
-        f"or {cfg['budget']:g} training seconds per run; SGD/Adam/SOAP rates tuned per batch size on "
+        f"or {cfg['budget']:g} training seconds per run; SGD/Adam/SOAP/L-BFGS rates tuned per batch size on "
         f"{cfg['val_samples']} validation samples ({cfg['tune_steps']} steps per rate, lowest validation "
         f"loss), {cfg['warmup_steps']}-step linear warm-up; HF: HFOptimizer defaults"
         + (f" plus {', '.join(cfg['hf_option'])}" if cfg["hf_option"] else "")
@@ -466,13 +559,36 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
 
 
 def _ratio_lines(report: dict[str, Any]) -> list[str]:
+    names = report["config"]["optimizers"]
+    sizes = list(report["runs"])
+    lines = ["", "Steps to target (> : not reached, the count at the stop):", "",
+             "| batch | " + " | ".join(LABELS[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for b in sizes:
+        cells = [(str(o["steps"]) if o["reached"] else f"> {o['steps']}") if (o := report["runs"][b].get(n))
+                 else "-" for n in names]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    crit = report["critical"]
+    lines.append("| critical batch | " + " | ".join(format_critical(crit[n]) for n in names) + " |")
+    lines += ["", f"Local exponent a = log(S1/S2) / log(B2/B1) between successive batch sizes (1: steps fall "
+                  f"as fast as the batch grows; the critical batch is the last one reached with every "
+                  f"a >= {CRITICAL_EXPONENT:g}):", "",
+              "| batch | " + " | ".join(LABELS[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for b in sizes[1:]:
+        cells = [("-" if crit[n]["exponents"].get(b) is None else f"{crit[n]['exponents'][b]:.2f}") for n in names]
+        lines.append(f"| {sizes[sizes.index(b) - 1]} -> {b} | " + " | ".join(cells) + " |")
     if not report["ratios"]:
-        return ["", "HF / SGD step ratio: not computed (needs both hf and sgd)."]
-    lines = ["", "HF steps / SGD steps to target (< : only HF reached, an upper bound; > : only SGD "
-                 "reached, a lower bound):", "", "| batch | HF / SGD steps |", "| --- | --- |"]
-    lines += [f"| {b} | {format_ratio(r)} |" for b, r in report["ratios"].items()]
-    lines += ["", f"Claim \"at batch >= {CLAIM_BATCH}, HF needs at most 1/{round(1 / CLAIM_RATIO)} of "
-                  f"SGD's steps\": {report['claim']}."]
+        return lines + ["", "HF step ratios: not computed (needs hf and a peer)."]
+    peers = list(report["ratios"])
+    lines += ["", "HF steps / each peer's steps to target (< : only HF reached, an upper bound; > : only "
+                  "the peer reached, a lower bound):", "",
+              "| batch | " + " | ".join(f"HF / {LABELS[p]}" for p in peers) + " |", "|---" * (len(peers) + 1) + "|"]
+    for b in sizes:
+        cells = [format_ratio(report["ratios"][p][b]) if b in report["ratios"][p] else "-" for p in peers]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for peer, verdict in report["claims"].items():
+        lines.append(f"Claim \"at batch >= {CLAIM_BATCH}, HF needs at most 1/{round(1 / CLAIM_RATIOS[peer])} of "
+                     f"{LABELS[peer]}'s steps\": {verdict}.")
     return lines
 
 
@@ -535,6 +651,7 @@ def _config(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
     config.update(train_samples=len(data["train"]), val_samples=len(data["val"]),
                   threads=torch.get_num_threads(), cpu_count=os.cpu_count(), torch=torch.__version__,
                   python=platform.python_version(), pytorch_optimizer=_package_version("pytorch_optimizer"),
+                  asdfghjkl=_package_version("asdfghjkl"),
                   lr_grids={b: {n: lr_grid(args, n, b) for n in args.optimizers if n != "hf"}
                             for b in args.batch_sizes})
     return config
@@ -544,6 +661,9 @@ def _drop_unavailable(args: argparse.Namespace) -> None:
     if "soap" in args.optimizers and not soap_available():
         print("note: pytorch_optimizer is not installed; skipping SOAP", flush=True)
         args.optimizers.remove("soap")
+    if "kfac" in args.optimizers and not kfac_available():
+        print("note: asdfghjkl (ASDL) is not installed; skipping K-FAC", flush=True)
+        args.optimizers.remove("kfac")
     if "hf" in args.optimizers and not common.hf_available():
         raise SystemExit("this hfopt has no HFOptimizer; pass --optimizers sgd adam soap")
 
@@ -564,6 +684,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the study; returns the report that is also written to results.json."""
     started = time.perf_counter()
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     _drop_unavailable(args)
@@ -575,19 +697,56 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     tuning, runs = {}, {}
     for b in args.batch_sizes:
         tuning[b], runs[b] = run_batch_size(args, data, b)
-    ratios = {b: step_ratio(runs[b]["hf"], runs[b]["sgd"]) for b in args.batch_sizes
-              if {"hf", "sgd"} <= set(args.optimizers)}
-    for b, r in ratios.items():
-        print(f"[ratio] B={b}: HF steps / SGD steps = {format_ratio(r)}", flush=True)
-    report = {"config": _config(args, data), "tuning": tuning, "runs": runs, "ratios": ratios,
-              "claim": claim_verdict(ratios) if ratios else None,
+    report = {"config": _config(args, data), "tuning": tuning, "runs": runs,
               "total_seconds": time.perf_counter() - started}
+    return finish(report, out)
+
+
+def finish(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Ratios, claims and critical batch sizes of ``report``'s runs; write results.json/.md and the PNG."""
+    names, runs = report["config"]["optimizers"], report["runs"]
+    report["ratios"] = all_ratios(runs, names)
+    report["claims"] = all_claims(report["ratios"])
+    report["critical"] = {n: critical_batch({b: r[n] for b, r in runs.items() if n in r}) for n in names}
+    for peer, ratios in report["ratios"].items():
+        for b, r in ratios.items():
+            print(f"[ratio] B={b}: HF steps / {LABELS[peer]} steps = {format_ratio(r)}", flush=True)
     common.write_json(out / "results.json", report)
     write_markdown(out / "results.md", report)
     plot(out / "scaling.png", report)
-    print(f"claim: {report['claim']}\nwrote {out / 'scaling.png'}, {out / 'results.md'}, "
-          f"{out / 'results.json'}", flush=True)
+    for peer, verdict in report["claims"].items():
+        print(f"claim vs {LABELS[peer]}: {verdict}", flush=True)
+    print(f"wrote {out / 'scaling.png'}, {out / 'results.md'}, {out / 'results.json'}", flush=True)
     return report
+
+
+def merge(folders: Sequence[str], out: Path) -> dict[str, Any]:
+    """One report from runs of the same study split over processes (``--optimizers`` differing):
+    their configurations must agree except for the contenders."""
+    import json
+
+    parts = [json.loads((Path(f) / "results.json").read_text()) for f in folders]
+    skip = {"optimizers", "out", "lr_grids", "merge"}
+    first = {k: v for k, v in parts[0]["config"].items() if k not in skip}
+    for folder, part in zip(folders[1:], parts[1:]):
+        other = {k: v for k, v in part["config"].items() if k not in skip}
+        differ = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if differ:
+            raise SystemExit(f"--merge: {folder} was run with other settings ({', '.join(differ)})")
+    config = dict(parts[0]["config"])
+    config["optimizers"] = [n for n in CONTENDERS if any(n in p["config"]["optimizers"] for p in parts)]
+    runs: dict[int, dict[str, Any]] = {}
+    tuning: dict[int, dict[str, Any]] = {}
+    for part in parts:
+        for b, r in part["runs"].items():
+            runs.setdefault(int(b), {}).update(r)
+            tuning.setdefault(int(b), {}).update(part["tuning"][b])
+    # Contender order within each batch size, as in a single run.
+    runs = {b: {n: runs[b][n] for n in config["optimizers"] if n in runs[b]} for b in sorted(runs)}
+    report = {"config": config, "tuning": tuning, "runs": runs, "merged_from": list(folders),
+              "total_seconds": sum(p["total_seconds"] for p in parts)}
+    out.mkdir(parents=True, exist_ok=True)
+    return finish(report, out)
 
 
 if __name__ == "__main__":

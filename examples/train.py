@@ -70,7 +70,17 @@ parts included), ``wall_seconds`` (this invocation, evaluation included),
 
 Batch sizes: 128 for SGD, Adam and SOAP; 512 for HF, which takes few
 expensive steps and whose curvature (and CG's solution) is only as good as
-the batch it is estimated on.  Unset HF options keep HFOptimizer's defaults.
+the batch it is estimated on, and for L-BFGS, a full-batch method.  Unset HF
+options keep HFOptimizer's defaults.
+
+K-FAC is ASDL's (``examples/kfac.py``; the optional ``asdfghjkl`` package):
+the Kronecker-factored Fisher preconditions the gradient, refreshed every step
+with damping 1e-3, and SGD with ``--momentum`` takes the step.
+
+L-BFGS is ``torch.optim.LBFGS`` with ``line_search_fn="strong_wolfe"`` and
+torch's other defaults: one step runs up to 20 iterations on its batch (up to
+25 closure calls), each in train mode, so BatchNorm's running statistics move
+at every call, as they do for any user of it.
 
 Learning rates (sgd 0.1, adam 1e-3, soap 3e-3 unless ``--lr``) rise linearly
 from lr/W to lr over the first W = ``--warmup-steps`` (default 20) steps;
@@ -163,13 +173,13 @@ from tqdm import tqdm  # noqa: E402
 
 from models import DEFAULT_INPUT, MODELS, build_model  # noqa: E402
 
-OPTIMIZERS = ("hf", "sgd", "adam", "soap")
+OPTIMIZERS = ("hf", "sgd", "adam", "soap", "lbfgs", "kfac")
 DATASETS = ("digits", "cifar10")
 DEFAULT_MODEL = {"digits": "digits_convnet_bn", "cifar10": "c3d3_bn"}
 # HF takes few, expensive steps whose curvature estimate improves with the
 # batch, so it gets bigger batches than the first-order methods.
-DEFAULT_BATCH_SIZE = {"hf": 512, "sgd": 128, "adam": 128, "soap": 128}
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "soap": 3e-3}
+DEFAULT_BATCH_SIZE = {"hf": 512, "sgd": 128, "adam": 128, "soap": 128, "lbfgs": 512, "kfac": 128}
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "soap": 3e-3, "lbfgs": 1.0, "kfac": 3e-3}
 # A linear warm-up keeps the first steps, taken with Adam/SOAP's still empty
 # moment estimates or SGD's large initial gradients, from throwing the
 # network far off; 20 steps are two epochs on digits, 6% of one on CIFAR-10.
@@ -197,7 +207,7 @@ def _count_or_fraction(text: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
-        description="Train a BatchNorm network with Hessian-free optimization, SGD, Adam or SOAP.",
+        description="Train a BatchNorm network with Hessian-free optimization, SGD, Adam, SOAP, L-BFGS or K-FAC.",
         formatter_class=common.HelpFormatter,
     )
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="hf", help="optimizer")
@@ -214,15 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="stop once this many seconds of training (evaluation excluded) have elapsed")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="default: 512 for hf, 128 for sgd, adam and soap")
+                        help="default: 512 for hf and lbfgs, 128 for sgd, adam, soap and kfac")
     parser.add_argument("--eval-batch-size", type=int, default=1024, help="batch size of evaluation passes")
     parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate of sgd/adam/soap; default 0.1 for sgd, 1e-3 for adam, "
-                             "3e-3 for soap")
+                        help="learning rate of sgd/adam/soap/lbfgs/kfac; default 0.1 for sgd, 1e-3 for adam, "
+                             "3e-3 for soap, 1 for lbfgs (its first trial step, which the strong-Wolfe "
+                             "line search then adjusts), 3e-3 for kfac")
     parser.add_argument("--warmup-steps", type=int, default=None, metavar="W",
-                        help="sgd/adam/soap: raise the learning rate linearly from lr/W to lr over "
+                        help="sgd/adam/soap/lbfgs/kfac: raise the learning rate linearly from lr/W to lr over "
                              f"the first W steps (default {DEFAULT_WARMUP_STEPS}; 0: no warm-up)")
-    parser.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
+    parser.add_argument("--momentum", type=float, default=0.9, help="momentum of sgd, and of kfac's SGD")
     parser.add_argument("--weight-decay", type=float, default=0.0,
                         help="L2 penalty (sgd/adam: their weight_decay; soap: its decoupled "
                              "weight_decay; hf: HFOptimizer's weight_decay)")
@@ -285,6 +296,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             args.warmup_steps = DEFAULT_WARMUP_STEPS
         if args.warmup_steps < 0:
             parser.error("--warmup-steps must be >= 0")
+    if args.optimizer == "lbfgs" and args.weight_decay:
+        parser.error("--weight-decay: torch.optim.LBFGS has no weight decay")
+    if args.optimizer == "kfac":
+        if args.distributed:
+            parser.error("--distributed: ASDL's K-FAC does not take a DistributedDataParallel model")
+        try:
+            import kfac
+
+            kfac.load_asdl()
+        except ImportError as err:
+            parser.error(str(err))
     if args.optimizer == "soap":
         try:
             load_soap()
@@ -481,6 +503,14 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Op
         return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if args.optimizer == "soap":
         return load_soap()(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "kfac":
+        from kfac import KFAC
+
+        return KFAC(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)  # type: ignore[return-value]
+    if args.optimizer == "lbfgs":
+        # torch's own quasi-Newton method as a user would run it: its defaults (20 iterations
+        # and up to 25 closure calls per step, history 100) with the strong-Wolfe line search.
+        return torch.optim.LBFGS(model.parameters(), lr=args.lr, line_search_fn="strong_wolfe")
     import hfopt
 
     if not hasattr(hfopt, "HFOptimizer"):
@@ -502,6 +532,9 @@ def learning_rate(args: argparse.Namespace, step: int) -> float:
 def train_step(optimizer, hessian_free: bool, model: nn.Module, loss_fn: nn.Module,
                x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
     """One optimizer step; returns the batch loss and number correct before the step."""
+    if hasattr(optimizer, "step_batch"):  # K-FAC runs its own forward and backward (examples/kfac.py)
+        loss, outputs = optimizer.step_batch(model, loss_fn, x, y)
+        return float(loss), int((outputs.argmax(dim=1) == y).sum())
     first: dict[str, torch.Tensor] = {}
 
     if hessian_free:
@@ -785,6 +818,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def log_evaluation(record: dict[str, Any]) -> None:
         x, walltime = record["examples"], state["run_start_walltime"] + record["time"]
         writer.add_scalar("train/epoch_loss", record["train_loss"], x, walltime=walltime)
+        if record["train_loss"] > 0:
+            # Losses span decades by the end of a run: TensorBoard's smoothing (an average of
+            # the last few points) then reports the older, larger values on a linear scale.
+            writer.add_scalar("train/log10_epoch_loss", math.log10(record["train_loss"]), x, walltime=walltime)
         writer.add_scalar("train/epoch_accuracy", record["train_accuracy"], x, walltime=walltime)
         for split in ("val", "test"):
             writer.add_scalar(f"{split}/loss", record[f"{split}_loss"], x, walltime=walltime)

@@ -65,8 +65,9 @@ DIAGNOSTICS = {
     "cg_stop_reason": "why CG stopped: relative_progress, max_iterations, negative_curvature, residual, non_finite",
     "backtrack_iteration": "CG iteration of the iterate chosen by CG backtracking",
     "line_search_step": "step length accepted by the Armijo line search (0 when the step was not taken)",
-    "predicted_reduction": "q(d) - q(0) of the undamped quadratic on the curvature batch",
-    "actual_reduction": "f(theta + d) - f(theta) on the gradient batch",
+    "predicted_reduction": "q(0) - q(d) of the undamped quadratic on the curvature batch (positive when the "
+                           "model predicts a decrease)",
+    "actual_reduction": "f(theta) - f(theta + d) on the gradient batch (positive when the loss went down)",
     "grad_norm": "norm of the gradient (weight decay included)",
     "step_norm": "norm of the parameter change",
     "curvature_products": "curvature-vector products made in this step",
@@ -81,22 +82,24 @@ DIAGNOSTICS = {
     "evaluations": "loss evaluations made in this step (the first closure call included)",
     "wall_time": "seconds for the whole step",
     "time_communication": "seconds inside HF's all-reduces, waits for slower ranks included (already part of "
-                          "the stage times above; 0 in one process)",
-    "bytes_all_reduced": "bytes this rank put into HF's all-reduces in this step (0 in one process)",
+                          "the stage times above; data-parallel steps only)",
+    "bytes_all_reduced": "bytes this rank put into HF's all-reduces in this step (data-parallel steps only)",
     "accepted": "whether the parameters moved",
     "engine": "'rules' (per-layer rules) or 'autograd' (the fallback path); None if rejected before",
     "curvature_samples": "samples in the curvature mini-batch (None on the autograd path)",
     "rejected": "why the step was not taken: a safety check (non-finite loss, gradient, curvature), rho "
                 "below min_rho, or no step length passing the line search; None if it was taken",
 }
+_DATA_PARALLEL_ONLY = ("time_communication", "bytes_all_reduced")
 _TIMES = ("time_gradient", "time_build", "time_products", "time_preconditioner", "time_evaluations")
 
 
 def _new_diagnostics(lam: float) -> Dict[str, Any]:
     """Every documented key; what a step does not reach stays NaN (floats), 0
     (counts and times) or None."""
-    diag: Dict[str, Any] = {k: math.nan for k in DIAGNOSTICS}
-    diag.update(evaluations=0, curvature_products=0, bytes_all_reduced=0, time_communication=0.0, accepted=False, engine=None, cg_iterations=0,
+    # The communication counters come from the data-parallel operator, and only there.
+    diag: Dict[str, Any] = {k: math.nan for k in DIAGNOSTICS if k not in _DATA_PARALLEL_ONLY}
+    diag.update(evaluations=0, curvature_products=0, accepted=False, engine=None, cg_iterations=0,
                 cg_stop_reason=None, backtrack_iteration=None, curvature_samples=None, rejected=None, damping=lam)
     diag.update({k: 0.0 for k in _TIMES})
     return diag
@@ -603,7 +606,8 @@ class HFOptimizer(torch.optim.Optimizer):
         predicted = _predicted(res, it, d, lam)
         actual = f_new - objective
         rho = reduction_ratio(actual, predicted)
-        diag.update(backtrack_iteration=it, predicted_reduction=predicted, actual_reduction=actual, rho=rho)
+        # Reported as decreases, so that a good step reads as two positive numbers.
+        diag.update(backtrack_iteration=it, predicted_reduction=-predicted, actual_reduction=-actual, rho=rho)
         self.damping.update(rho)
         if res.stop_reason == "negative_curvature":
             self.damping.value = max(self.damping.value, min(lam * self.damping.increase, self.damping.maximum))

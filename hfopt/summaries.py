@@ -25,7 +25,9 @@ def log_step(writer: Any, diagnostics: Dict[str, Any], global_step: int, walltim
     (a NaN rho) is written as NaN rather than dropped, and also counted in
     ``<prefix>non_finite/<key>`` so that it is visible on a chart.  The word
     diagnostics become text records and indicator scalars
-    ``<prefix>cg_stop/<reason>`` and ``<prefix>rejected_step``.
+    ``<prefix>cg_stop/<reason>`` and ``<prefix>rejected_step``.  lambda is
+    also logged as ``<prefix>log10_damping``: it spans decades, which a
+    linear axis flattens into zero.
     """
     for key, value in diagnostics.items():
         if key in TEXT_KEYS:
@@ -37,6 +39,9 @@ def log_step(writer: Any, diagnostics: Dict[str, Any], global_step: int, walltim
         writer.add_scalar(f"{prefix}{key}", float(value), global_step, walltime=walltime)
         if not math.isfinite(value):
             writer.add_scalar(f"{prefix}non_finite/{key}", 1.0, global_step, walltime=walltime)
+    damping = diagnostics.get("damping")
+    if isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0:
+        writer.add_scalar(f"{prefix}log10_damping", math.log10(damping), global_step, walltime=walltime)
     reason = diagnostics.get("cg_stop_reason")
     if reason is not None:
         writer.add_scalar(f"{prefix}cg_stop/{reason}", 1.0, global_step, walltime=walltime)

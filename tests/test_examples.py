@@ -79,7 +79,12 @@ def test_defaults():
     with pytest.raises(SystemExit):
         train.parse_args(["--lr", "0.1"])  # HF has no learning rate
     assert train.parse_args(["--optimizer", "sgd"]).warmup_steps == train.DEFAULT_WARMUP_STEPS
-    assert compare.parse_args([]).optimizers == ["hf", "sgd", "adam", "soap"]
+    assert compare.parse_args([]).optimizers == ["hf", "sgd", "adam", "soap", "lbfgs", "kfac"]
+    lbfgs = train.parse_args(["--optimizer", "lbfgs"])
+    assert (lbfgs.batch_size, lbfgs.lr) == (512, 1.0)
+    assert isinstance(train.make_optimizer(lbfgs, torch.nn.Linear(2, 2)), torch.optim.LBFGS)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--optimizer", "lbfgs", "--weight-decay", "1e-4"])  # LBFGS has none
     assert compare.parse_args(["--data", "cifar10"]).hf_args == ""  # HFOptimizer's defaults
 
 
@@ -99,15 +104,29 @@ def test_soap_missing_names_the_extra(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()  # it fails before it writes anything
 
 
+def test_kfac_missing_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "asdl", None)  # makes the import fail
+    with pytest.raises(SystemExit):
+        train.parse_args(["--optimizer", "kfac"])
+    assert "asdfghjkl" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="asdfghjkl"):
+        compare.main(["--optimizers", "sgd", "kfac", "--logdir", tmp_path / "runs", "--out", tmp_path / "out"])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("optimizer, steps, extra", [
     ("sgd", 10, []),
     ("adam", 10, ["--lr", "0.01"]),
     ("soap", 10, []),
     ("hf", 3, HF_FAST),
+    ("lbfgs", 2, []),
+    ("kfac", 10, []),
 ])
 def test_short_run_lowers_training_loss(tmp_path, optimizer, steps, extra):
     if optimizer == "soap":
         pytest.importorskip("pytorch_optimizer", reason="pytorch-optimizer (the examples extra) is not installed")
+    if optimizer == "kfac":
+        pytest.importorskip("asdl", reason="asdfghjkl (ASDL, the examples extra) is not installed")
     summary = run(tmp_path, optimizer, "--optimizer", optimizer, "--max-steps", steps, *extra)
     assert summary["steps"] == steps
     assert summary["stop_reason"] == "max_steps"
@@ -274,12 +293,16 @@ def test_compare_quick_writes_outputs(tmp_path):
     top = events(tmp_path / "runs")
     layout = layout_pb2.Layout()
     layout.ParseFromString(top.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    regexes = [tag for category in layout.category for chart in category.chart
-               for tag in chart.multiline.tag]
-    assert {"^train/epoch_loss$", "^train/loss$", "^val/accuracy$", "^test/accuracy$"} <= set(regexes)
+    charts = {(category.title, tag) for category in layout.category for chart in category.chart
+              for tag in chart.multiline.tag}
+    regexes = {tag for _, tag in charts}
+    assert {"^train/epoch_loss$", "^train/log10_epoch_loss$", "^train/loss$", "^val/accuracy$", "^test/accuracy$",
+            "^val/loss$", "^test/loss$", "^hf/log10_damping$", "^hf/rho$"} <= regexes
     for name, logdir in runs.items():
         tags = events(logdir).Tags()["scalars"]
-        for regex in regexes:
+        for title, regex in charts:
+            if title.startswith("Hessian-free") and name != "hf":
+                continue  # HF's diagnostics: drawn for the HF run alone
             assert [t for t in tags if re.match(regex, t)], (name, regex)
 
 

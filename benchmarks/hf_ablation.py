@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Which HFOptimizer settings make each step worth more at large batch: steps to target per setting.
+
+    python benchmarks/hf_ablation.py                       # every setting below, 2 at a time
+    python benchmarks/hf_ablation.py --only defaults lambda-0.01 --jobs 1
+
+Every setting is one ``examples/scaling.py`` run of HF alone, in its own
+process with one thread (steps to target do not depend on timing, so two runs
+may share the machine): CIFAR-10 ``data_batch_1``, c3d3_bn, the first
+``--train-samples`` training images, batch ``--batch``, full-train loss (eval
+mode, BatchNorm statistics re-estimated on 2048 images) measured after every
+step, until it reaches ``--target`` or ``--max-epochs`` pass.  Each setting is
+HFOptimizer's defaults plus the keywords listed for it.
+
+Outputs in ``--out``: one folder per setting (scaling.py's results.json,
+results.md, log) and ``ablation.md``, the table: steps to target, seconds,
+mean CG iterations, the final lambda, the lowest rho of an accepted step (a
+negative one would be an accepted step that made the batch loss worse) and the
+last train loss over the best one reached (late divergence shows as > 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> HFOptimizer keywords added to the defaults (the defaults as they are in hfopt today).
+SETTINGS: Dict[str, Dict[str, Any]] = {
+    "defaults": {},
+    "lambda-1 (old default)": {"damping": 1.0},
+    "lambda-0.1": {"damping": 0.1},
+    "lambda-0.01": {"damping": 0.01},
+    "lambda-1e-3": {"damping": 1e-3},
+    "curvature-batch-512": {"curvature_batch": 512},
+    "cg-max-50": {"cg_max_iterations": 50},
+    "hessian": {"curvature": "hessian"},
+    "no-warm-start": {"warm_start": 0.0},
+    "warm-start-0.5": {"warm_start": 0.5},
+    "no-preconditioner": {"preconditioner": False},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"settings: {', '.join(SETTINGS)}")
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--train-samples", type=int, default=8192)
+    parser.add_argument("--target", type=float, default=1.1)
+    parser.add_argument("--max-epochs", type=float, default=4.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="settings run at once, one thread each")
+    parser.add_argument("--out", default="results/hf_ablation")
+    parser.add_argument("--data-dir", default=None)
+    return parser
+
+
+def command(name: str, args: argparse.Namespace) -> List[str]:
+    options = [f"{k}={v!r}" for k, v in SETTINGS[name].items()]
+    cmd = [sys.executable, str(ROOT / "examples" / "scaling.py"), "--optimizers", "hf", "--batch-sizes",
+           str(args.batch), "--train-samples", str(args.train_samples), "--target", str(args.target),
+           "--eval-every-examples", str(args.batch), "--precise-bn", "2048", "--max-epochs", str(args.max_epochs),
+           "--budget", "1e9", "--threads", "1", "--seed", str(args.seed), "--out", str(folder(name, args))]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    for option in options:
+        cmd += ["--hf-option", option]
+    return cmd
+
+
+def folder(name: str, args: argparse.Namespace) -> Path:
+    return Path(args.out) / name.split(" ")[0]
+
+
+def run(name: str, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    out = folder(name, args)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "w") as log:
+        done = subprocess.run(command(name, args), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if done.returncode != 0:
+        print(f"{name}: failed (exit {done.returncode}), see {out / 'log.txt'}", flush=True)
+        return None
+    outcome = json.loads((out / "results.json").read_text())["runs"][str(args.batch)]["hf"]
+    print(f"{name}: {'reached' if outcome['reached'] else 'NOT reached'} in {outcome['steps']} steps", flush=True)
+    return outcome
+
+
+def summary(name: str, outcome: Optional[Dict[str, Any]]) -> str:
+    options = ", ".join(f"{k}={v!r}" for k, v in SETTINGS[name].items()) or "-"
+    if outcome is None:
+        return f"| {name} | {options} | failed | | | | | |"
+    log = outcome["step_log"]
+    losses = [h["train_loss"] for h in outcome["history"]]
+    accepted = [r["rho"] for r in log if r.get("accepted") and r.get("rho") is not None]
+    lowest_rho = min(accepted) if accepted else math.nan
+    finite = [v for v in losses if v is not None and math.isfinite(v)]
+    last_over_best = losses[-1] / min(finite) if finite and losses[-1] else math.nan
+    steps = str(outcome["steps"]) if outcome["reached"] else f"> {outcome['steps']}"
+    return (f"| {name} | {options} | {steps} | {outcome['seconds']:.0f} | "
+            f"{outcome.get('hf_mean_cg_iterations', math.nan):.1f} | {log[-1].get('damping_next', math.nan):.3g} | "
+            f"{lowest_rho:.2f} | {last_over_best:.2f} |")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = args.only or list(SETTINGS)
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        outcomes = dict(zip(names, pool.map(lambda n: run(n, args), names)))
+    lines = [f"# HF at batch {args.batch}: steps to full-train loss {args.target:g}", "",
+             f"CIFAR-10 data_batch_1, c3d3_bn, {args.train_samples} training images, seed {args.seed}; "
+             "HFOptimizer's defaults plus the keywords shown; one thread per run.", "",
+             "| setting | keywords | steps | seconds | mean CG its | final lambda | lowest accepted rho "
+             "| last / best loss |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [summary(n, outcomes[n]) for n in names]
+    text = "\n".join(lines) + "\n"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "ablation.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
