@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Hessian-free vs SGD with momentum, Adam and SOAP on one wall-clock budget.
+"""Hessian-free vs SGD with momentum, Adam, SOAP, L-BFGS and K-FAC on one wall-clock budget.
 
 ::
 
-    python examples/compare.py                        # digits, ~6 minutes on 2 CPU cores
+    python examples/compare.py                        # digits, ~8 minutes on 2 CPU cores
     python examples/compare.py --data cifar10 --model c3d3_bn --budget 900
     python examples/compare.py --optimizers hf sgd --seeds 0 1 2
     tensorboard --logdir runs/compare-digits          # the runs; the grid is in runs/compare-digits-grid
@@ -15,10 +15,12 @@ Protocol
    others for as many steps as it took (equal steps cost equal time on an
    idle machine and keep the choice independent of other load); the rate
    with the best validation accuracy (ties: lowest validation loss) is kept.
-   Adam (``--adam-lrs``) and SOAP (``--soap-lrs``; ``pytorch_optimizer.SOAP``,
-   a second-order peer that preconditions Adam in Shampoo's eigenbasis) get
-   the same treatment.  Every first-order and SOAP run, grid points
-   included, warms its learning rate up linearly over the first
+   Adam (``--adam-lrs``), SOAP (``--soap-lrs``; ``pytorch_optimizer.SOAP``,
+   a second-order peer that preconditions Adam in Shampoo's eigenbasis),
+   L-BFGS (``--lbfgs-lrs``; ``torch.optim.LBFGS`` with its strong-Wolfe line
+   search, at batch 512) and K-FAC (``--kfac-lrs``; ASDL's, see
+   ``examples/kfac.py``) get the same treatment.  Every run but HF's, grid
+   points included, warms its learning rate up linearly over the first
    ``--warmup-steps`` steps.  Hessian-free has no learning rate and is not
    tuned.
 2. Every optimizer is trained with every seed for ``--budget`` seconds of
@@ -35,14 +37,18 @@ train.py's axes: x is training examples seen, "Relative" time is training
 seconds.  The grid runs go to the sibling folder ``<logdir>-grid``
 (``<optimizer>-lr<lr>``), so that ``tensorboard --logdir <logdir>`` shows the
 compared runs only.  ``<logdir>`` itself holds a layout for the Custom
-Scalars tab with one chart per quantity (train loss, mini-batch loss,
-validation and test accuracy, training seconds), each drawing every
-optimizer.
+Scalars tab: one chart per quantity (log10 and plain full-pass train loss,
+mini-batch loss, validation and test loss and accuracy, training seconds),
+each drawing every optimizer, and a section of HF's diagnostics (log10
+lambda, rho, actual and predicted reductions, CG iterations, line-search
+step, seconds per step).  The full-pass losses are sparse (one point per
+evaluation): read them with TensorBoard's smoothing at 0, or on the log10
+chart, where the default smoothing averages exponents.
 
 "Train loss" is train.py's: the cross-entropy over the whole training set in
 eval mode (BatchNorm statistics re-estimated on the training data) at the end
-of an epoch, or of the run.  HF is evaluated after every epoch; SGD, Adam and
-SOAP, whose epochs cost less than an evaluation, every 5th epoch on digits and
+of an epoch, or of the run.  HF and L-BFGS are evaluated after every epoch;
+SGD, Adam, SOAP and K-FAC, whose epochs cost less than an evaluation, every 5th epoch on digits and
 every 2nd on CIFAR-10 (``--first-order-eval-every``).  The "reach" column gives, for each optimizer,
 the training seconds and epochs after which its train loss first got at or
 below the lowest train loss SGD reached (same seed), at those evaluations.

@@ -378,9 +378,13 @@ def lr_grid(args: argparse.Namespace, name: str, batch_size: int) -> list[float]
 
 
 def tune(args: argparse.Namespace, data: dict[str, Any], name: str, batch_size: int) -> dict[str, Any]:
-    """Train every rate of the grid for ``--tune-steps`` steps; keep the lowest validation loss."""
+    """Train every rate of the grid for ``--tune-steps`` steps; keep the lowest validation loss.
+    A one-rate grid is a choice already made: nothing is trained."""
+    grid = lr_grid(args, name, batch_size)
+    if len(grid) == 1:
+        return {"lr": grid[0], "at_edge": False, "points": []}
     points = []
-    for lr in lr_grid(args, name, batch_size):
+    for lr in grid:
         run = Run(args, data, name, batch_size, lr)
         while run.stop_reason(args.tune_steps) is None:
             run.step()
@@ -532,13 +536,20 @@ def _cell(outcome: dict[str, Any], key: str, fmt: str) -> str:
     return text if outcome["reached"] else f"> {text} (not reached)"
 
 
+def _budgets(cfg: dict[str, Any]) -> str:
+    budgets = cfg.get("budgets")
+    if not budgets or len(set(budgets.values())) == 1:
+        return f"{cfg['budget']:g}"
+    return " / ".join(f"{budgets[n]:g} ({LABELS[n]})" for n in cfg["optimizers"])
+
+
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
     cfg = report["config"]
     lines = [
         f"# {cfg['data']} / {cfg['model']}: steps to train loss {cfg['target']:g} vs batch size", "",
         f"{cfg['train_samples']} training samples; full train loss (eval mode, BatchNorm statistics "
         f"re-estimated) every {cfg['eval_every_examples']} examples; at most {cfg['max_epochs']:g} epochs "
-        f"or {cfg['budget']:g} training seconds per run; SGD/Adam/SOAP/L-BFGS rates tuned per batch size on "
+        f"or {_budgets(cfg)} training seconds per run; SGD/Adam/SOAP/L-BFGS/K-FAC rates tuned per batch size on "
         f"{cfg['val_samples']} validation samples ({cfg['tune_steps']} steps per rate, lowest validation "
         f"loss), {cfg['warmup_steps']}-step linear warm-up; HF: HFOptimizer defaults"
         + (f" plus {', '.join(cfg['hf_option'])}" if cfg["hf_option"] else "")
@@ -726,7 +737,8 @@ def merge(folders: Sequence[str], out: Path) -> dict[str, Any]:
     import json
 
     parts = [json.loads((Path(f) / "results.json").read_text()) for f in folders]
-    skip = {"optimizers", "out", "lr_grids", "merge"}
+    # Each process may cap its contenders' runs differently (an L-BFGS step costs 25 closure calls).
+    skip = {"optimizers", "out", "lr_grids", "merge", "budget", "budgets"}
     first = {k: v for k, v in parts[0]["config"].items() if k not in skip}
     for folder, part in zip(folders[1:], parts[1:]):
         other = {k: v for k, v in part["config"].items() if k not in skip}
@@ -735,6 +747,8 @@ def merge(folders: Sequence[str], out: Path) -> dict[str, Any]:
             raise SystemExit(f"--merge: {folder} was run with other settings ({', '.join(differ)})")
     config = dict(parts[0]["config"])
     config["optimizers"] = [n for n in CONTENDERS if any(n in p["config"]["optimizers"] for p in parts)]
+    config["budgets"] = {n: p["config"]["budget"] for p in parts for n in p["config"]["optimizers"]}
+    config["budget"] = max(config["budgets"].values())
     runs: dict[int, dict[str, Any]] = {}
     tuning: dict[int, dict[str, Any]] = {}
     for part in parts:

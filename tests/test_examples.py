@@ -94,24 +94,18 @@ def test_soap_defaults():
     assert (soap.batch_size, soap.lr, soap.warmup_steps) == (128, 3e-3, train.DEFAULT_WARMUP_STEPS)
 
 
-def test_soap_missing_names_the_extra(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)  # makes the import fail
+@pytest.mark.parametrize("optimizer, module, words", [
+    ("soap", "pytorch_optimizer", ['pip install -e ".[examples]"', "pytorch-optimizer"]),
+    ("kfac", "asdl", ['pip install -e ".[examples]"', "asdfghjkl"]),
+])
+def test_missing_extra_names_it(tmp_path, monkeypatch, capsys, optimizer, module, words):
+    monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
     with pytest.raises(SystemExit):
-        train.parse_args(["--optimizer", "soap"])
-    assert 'pip install -e ".[examples]"' in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="pytorch-optimizer"):
-        compare.main(["--optimizers", "sgd", "soap", "--logdir", tmp_path / "runs", "--out", tmp_path / "out"])
+        train.parse_args(["--optimizer", optimizer])
+    assert words[0] in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=words[1]):
+        compare.main(["--optimizers", "sgd", optimizer, "--logdir", tmp_path / "runs", "--out", tmp_path / "out"])
     assert not (tmp_path / "out").exists()  # it fails before it writes anything
-
-
-def test_kfac_missing_names_the_extra(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "asdl", None)  # makes the import fail
-    with pytest.raises(SystemExit):
-        train.parse_args(["--optimizer", "kfac"])
-    assert "asdfghjkl" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="asdfghjkl"):
-        compare.main(["--optimizers", "sgd", "kfac", "--logdir", tmp_path / "runs", "--out", tmp_path / "out"])
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("optimizer, steps, extra", [
