@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -98,10 +99,26 @@ def run(name: str, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     return outcome
 
 
-def summary(name: str, outcome: Optional[Dict[str, Any]]) -> str:
+STEP_LINE = re.compile(r"step (\d+): train loss ([\d.]+), ([\d.]+) s; lambda ([\d.e+-]+), rho ([\d.e+-]+|nan), "
+                       r"CG (\d+) \((\w+)\), step length ([\d.e+-]+)")
+
+
+def stopped_early(name: str, args: argparse.Namespace) -> str:
+    """A run stopped by hand before it wrote results.json: what its log shows."""
+    path = folder(name, args) / "log.txt"
+    steps = [m.groups() for m in STEP_LINE.finditer(path.read_text())] if path.is_file() else []
+    if not steps:
+        return "not run"
+    declined = sum(float(s[7]) == 0 for s in steps)
+    rhos = ", ".join(s[4] for s in steps)
+    return (f"stopped by hand after {len(steps)} steps: train loss {steps[-1][1]}, {declined} declined, "
+            f"rho {rhos}, CG stop {steps[-1][6]}")
+
+
+def summary(name: str, outcome: Optional[Dict[str, Any]], args: argparse.Namespace) -> str:
     options = ", ".join(f"{k}={v!r}" for k, v in SETTINGS[name].items()) or "-"
     if outcome is None:
-        return f"| {name} | {options} | not run | | | | | |"
+        return f"| {name} | {options} | {stopped_early(name, args)} | | | | | |"
     log = outcome["step_log"]
     losses = [h["train_loss"] for h in outcome["history"]]
     accepted = [r["rho"] for r in log if r.get("accepted") and r.get("rho") is not None]
@@ -130,7 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              "HFOptimizer's defaults plus the keywords shown; one thread per run.", "",
              "| setting | keywords | steps | seconds | mean CG its | final lambda | lowest accepted rho "
              "| last / best loss |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [summary(n, outcomes[n]) for n in names]
+    lines += [summary(n, outcomes[n], args) for n in names]
     text = "\n".join(lines) + "\n"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "ablation.md").write_text(text)

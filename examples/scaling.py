@@ -538,9 +538,9 @@ def _cell(outcome: dict[str, Any], key: str, fmt: str) -> str:
 
 def _budgets(cfg: dict[str, Any]) -> str:
     budgets = cfg.get("budgets")
-    if not budgets or len(set(budgets.values())) == 1:
+    if not budgets or len({tuple(b) for b in budgets.values()}) == 1:
         return f"{cfg['budget']:g}"
-    return " / ".join(f"{budgets[n]:g} ({LABELS[n]})" for n in cfg["optimizers"])
+    return ", ".join(f"{'/'.join(f'{x:g}' for x in budgets[n])} ({LABELS[n]})" for n in cfg["optimizers"])
 
 
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
@@ -708,9 +708,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     tuning, runs = {}, {}
     for b in args.batch_sizes:
         tuning[b], runs[b] = run_batch_size(args, data, b)
-    report = {"config": _config(args, data), "tuning": tuning, "runs": runs,
-              "total_seconds": time.perf_counter() - started}
-    return finish(report, out)
+        # Written after every batch size: an interrupted study keeps the sizes it finished.
+        report = {"config": _config(args, data), "tuning": tuning, "runs": runs,
+                  "complete": b == args.batch_sizes[-1], "total_seconds": time.perf_counter() - started}
+        finish(report, out)
+    return report
 
 
 def finish(report: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -737,8 +739,9 @@ def merge(folders: Sequence[str], out: Path) -> dict[str, Any]:
     import json
 
     parts = [json.loads((Path(f) / "results.json").read_text()) for f in folders]
-    # Each process may cap its contenders' runs differently (an L-BFGS step costs 25 closure calls).
-    skip = {"optimizers", "out", "lr_grids", "merge", "budget", "budgets"}
+    # Each process may cover its own batch sizes and cap its runs differently (an L-BFGS step
+    # costs 25 closure calls; an HF step at the whole batch, a hundred gradient-sized products).
+    skip = {"optimizers", "out", "lr_grids", "merge", "budget", "budgets", "batch_sizes"}
     first = {k: v for k, v in parts[0]["config"].items() if k not in skip}
     for folder, part in zip(folders[1:], parts[1:]):
         other = {k: v for k, v in part["config"].items() if k not in skip}
@@ -747,12 +750,20 @@ def merge(folders: Sequence[str], out: Path) -> dict[str, Any]:
             raise SystemExit(f"--merge: {folder} was run with other settings ({', '.join(differ)})")
     config = dict(parts[0]["config"])
     config["optimizers"] = [n for n in CONTENDERS if any(n in p["config"]["optimizers"] for p in parts)]
-    config["budgets"] = {n: p["config"]["budget"] for p in parts for n in p["config"]["optimizers"]}
-    config["budget"] = max(config["budgets"].values())
+    budgets: dict[str, set] = {}
+    for part in parts:
+        for n in part["config"]["optimizers"]:
+            budgets.setdefault(n, set()).add(part["config"]["budget"])
+    config["budgets"] = {n: sorted(b) for n, b in budgets.items()}
+    config["budget"] = max(max(b) for b in budgets.values())
+    config["batch_sizes"] = sorted({int(b) for part in parts for b in part["runs"]})
     runs: dict[int, dict[str, Any]] = {}
     tuning: dict[int, dict[str, Any]] = {}
     for part in parts:
         for b, r in part["runs"].items():
+            clash = set(r) & set(runs.get(int(b), {}))
+            if clash:
+                raise SystemExit(f"--merge: {', '.join(sorted(clash))} at batch {b} appears in two folders")
             runs.setdefault(int(b), {}).update(r)
             tuning.setdefault(int(b), {}).update(part["tuning"][b])
     # Contender order within each batch size, as in a single run.
