@@ -41,13 +41,14 @@ Scalars tab: one chart per quantity (log10 and plain full-pass train loss,
 mini-batch loss, validation and test loss and accuracy, training seconds),
 each drawing every optimizer, and a section of HF's diagnostics (log10
 lambda, rho, actual and predicted reductions, CG iterations, line-search
-step, seconds per step).  The full-pass losses are sparse (one point per
-evaluation): read them with TensorBoard's smoothing at 0, or on the log10
-chart, where the default smoothing averages exponents.
+step, seconds per step).  The full-pass losses have one point per
+evaluation; the log10 chart is the one to read with TensorBoard's default
+smoothing, which there averages exponents rather than values.
 
 "Train loss" is train.py's: the cross-entropy over the whole training set in
-eval mode (BatchNorm statistics re-estimated on the training data) at the end
-of an epoch, or of the run.  HF and L-BFGS are evaluated after every epoch;
+eval mode (BatchNorm statistics re-estimated on the training data) after a
+step, an epoch or the run.  HF and L-BFGS, a few steps per epoch, are
+evaluated after every step, so their curves are dense enough for smoothing;
 SGD, Adam, SOAP and K-FAC, whose epochs cost less than an evaluation, every 5th epoch on digits and
 every 2nd on CIFAR-10 (``--first-order-eval-every``).  The "reach" column gives, for each optimizer,
 the training seconds and epochs after which its train loss first got at or
@@ -97,6 +98,9 @@ QUICK = {"budget": 2.0, "grid_budget": 0.4}
 # CIFAR-10, a few hundred first-order epochs on digits); evaluating every 5th /
 # 2nd epoch keeps the evaluation overhead near or below the training time.
 FIRST_ORDER_EVAL_EVERY = {"digits": 5, "cifar10": 2}
+# HF and L-BFGS take a few steps per epoch while the loss falls decades: one point per epoch is
+# too sparse for TensorBoard's default smoothing (0.6) to follow, so they are evaluated every step.
+FEW_STEP_EVAL = ["--eval-every-steps", 1]
 # One thread on digits: the 8x8 images gain little from intra-op parallelism,
 # and an oversubscribed second thread (any other load on the machine) slows
 # small kernels down many times over, which would make the timings meaningless.
@@ -164,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--first-order-eval-every", type=int, default=None, metavar="EPOCHS",
                         help="evaluate SGD/Adam/SOAP every this many epochs (default: 5 for digits, 2 "
-                             "for cifar10); HF is evaluated every epoch")
+                             "for cifar10), K-FAC too; HF and L-BFGS are evaluated after every step")
     parser.add_argument("--hf-args", default="",
                         help="extra train.py arguments for the HF runs, one quoted string, "
                              "e.g. --hf-args='--damping 10' (default: none, HFOptimizer's defaults)")
@@ -241,9 +245,11 @@ def grid_logdir(args: argparse.Namespace) -> Path:
 
 def first_order_args(args: argparse.Namespace, optimizer: str, lr: float) -> list:
     """train.py arguments of a run of ``optimizer`` (not hf) at learning rate ``lr``."""
-    # L-BFGS's steps are few and costly, like HF's: evaluated after every epoch, like HF.
+    # L-BFGS's steps are few and costly, like HF's: evaluated like HF.
     every = 1 if optimizer == "lbfgs" else args.first_order_eval_every
     extra = ["--lr", lr, "--warmup-steps", args.warmup_steps, "--eval-every", every]
+    if optimizer == "lbfgs":
+        extra += FEW_STEP_EVAL
     if optimizer in ("sgd", "kfac"):
         extra += ["--momentum", args.momentum]
     return extra
@@ -330,8 +336,8 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         + (" (mean ± std over seeds)" if n_seeds > 1 else "") + f"; device {cfg['device']}, "
         f"{cfg['threads']} torch threads on {cfg['cpu_count']} CPUs, torch {cfg['torch']}.",
         "Train loss: cross-entropy over the whole training set in eval mode (BatchNorm statistics "
-        "re-estimated on training data), evaluated at the end of every epoch for HF, of every "
-        f"{_every(cfg['first_order_eval_every'])}epoch for the others, and of the run. "
+        "re-estimated on training data), evaluated after every step for HF and L-BFGS, at the end of every "
+        f"{_every(cfg['first_order_eval_every'])}epoch for the others, and at the end of the run. "
         "Reach: training seconds / epochs until the train loss first got at or below "
         "the lowest train loss SGD reached with the same seed.",
         "",
@@ -421,10 +427,12 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     axes[1].set_title("train loss vs time")
     axes[2].set_title("test accuracy vs epochs")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    # Three labels per row: six optimizers' settings do not fit the figure's width on one.
+    rows = math.ceil(len(labels) / 3)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=9, frameon=False)
     fig.suptitle(f"{cfg['data']} / {cfg['model']}, {cfg['budget']:g} s per optimizer, "
                  f"seed{'s' if len(cfg['seeds']) > 1 else ''} {', '.join(map(str, cfg['seeds']))}")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 * rows + 0.01, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -480,7 +488,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     runs: dict[str, list[dict]] = {name: [] for name in args.optimizers}
     for seed in args.seeds:
         for name in args.optimizers:
-            extra = list(hf_extra) if name == "hf" else first_order_args(args, name, chosen[name])
+            extra = [*FEW_STEP_EVAL, *hf_extra] if name == "hf" else first_order_args(args, name, chosen[name])
             summary = _train(args, name, seed, args.budget, logdir / f"{name}-s{seed}", extra)
             runs[name].append(summary)
             print(f"[run] {name} seed {seed}: train loss {summary['train_loss']:.4g}, "

@@ -15,6 +15,7 @@ default), which the damping 1e-3 needs to stay stable on c3d3_bn.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional
 
@@ -65,16 +66,24 @@ class KFAC:
         return self._maker
 
     def step_batch(self, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step on ``(x, y)``; returns the loss and outputs before it."""
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One step on ``(x, y)``; returns the loss and outputs before it, or a NaN loss and
+        ``None`` where ASDL could not invert a curvature factor (the step is not taken)."""
         maker = self._maker_for(len(x))
         self.sgd.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            # ASDL reads output gradients through the deprecated non-full backward hook.
-            warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
-            dummy = maker.setup_model_call(model, x)
-            maker.setup_loss_call(loss_fn, dummy, y)
-            outputs, loss = maker.forward_and_backward()
+        try:
+            with warnings.catch_warnings():
+                # ASDL reads output gradients through the deprecated non-full backward hook.
+                warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
+                dummy = maker.setup_model_call(model, x)
+                maker.setup_loss_call(loss_fn, dummy, y)
+                outputs, loss = maker.forward_and_backward()
+        except torch.linalg.LinAlgError:
+            # A damped Kronecker factor that is not positive definite comes from activations or
+            # gradients that have blown up (a rate too large): report the run as diverged, as a
+            # non-finite loss would, without taking the step.
+            self.sgd.zero_grad(set_to_none=True)
+            return torch.tensor(math.nan), None
         self.sgd.step()
         return loss.detach(), outputs.detach()
 

@@ -39,7 +39,10 @@ the model and for ``time/wall``, but the end of the first step for
 * ``val/*``, ``test/*`` (per evaluation): the same pass over the validation
   and test sets.  The evaluations are the initial model (x = 0), the end of
   every ``--eval-every`` K-th epoch (K > 1 for fast first-order runs whose
-  epochs cost less than the evaluation), and the end of the run, also when
+  epochs cost less than the evaluation), after every ``--eval-every-steps``
+  N-th step if N > 0 (HF and L-BFGS in compare.py: a few steps per epoch,
+  where one point per epoch is too sparse for TensorBoard's smoothing to
+  follow a loss that falls decades), and the end of the run, also when
   it stopped mid-epoch (``--max-steps``, ``--time-budget``), so every curve
   ends where the run did.
 * Eval mode needs BatchNorm population statistics.  The running averages
@@ -262,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "refuses, with exit status 1, one it cannot read)")
     parser.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS",
                         help="evaluate every this many epochs (and at the end of the run)")
+    parser.add_argument("--eval-every-steps", type=int, default=0, metavar="STEPS",
+                        help="also evaluate after every this many steps, mid-epoch too (0: only at epoch ends); "
+                             "for few-step optimizers, whose per-epoch curves are too sparse to smooth")
     parser.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
                         help="checkpoint every this many epochs (0: only at the end)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -322,8 +328,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ("batch_size", "eval_batch_size", "eval_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.epochs < 0 or (args.max_steps is not None and args.max_steps < 0):
-        parser.error("--epochs and --max-steps must be >= 0")
+    if args.epochs < 0 or (args.max_steps is not None and args.max_steps < 0) or args.eval_every_steps < 0:
+        parser.error("--epochs, --max-steps and --eval-every-steps must be >= 0")
     if args.sharpness_every < 0 or args.sharpness_samples < 2 or not 0 < args.sharpness_tol < 1:
         parser.error("--sharpness-every must be >= 0, --sharpness-samples >= 2, --sharpness-tol in (0, 1)")
     if args.sharpness_batch_size is None:
@@ -534,7 +540,7 @@ def train_step(optimizer, hessian_free: bool, model: nn.Module, loss_fn: nn.Modu
     """One optimizer step; returns the batch loss and number correct before the step."""
     if hasattr(optimizer, "step_batch"):  # K-FAC runs its own forward and backward (examples/kfac.py)
         loss, outputs = optimizer.step_batch(model, loss_fn, x, y)
-        return float(loss), int((outputs.argmax(dim=1) == y).sum())
+        return float(loss), 0 if outputs is None else int((outputs.argmax(dim=1) == y).sum())
     first: dict[str, torch.Tensor] = {}
 
     if hessian_free:
@@ -865,6 +871,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if sharpness is not None:
             sharpness.log(writer, model, loss_fn, 0, clock(), None if hessian_free else learning_rate(args, 1))
 
+    def steps_due() -> bool:
+        return bool(args.eval_every_steps) and state["global_step"] % args.eval_every_steps == 0
+
     def limit_reached() -> Optional[str]:
         if args.max_steps is not None and state["global_step"] >= args.max_steps:
             return "max_steps"
@@ -927,6 +936,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sharpness.log(writer, model, loss_fn, examples, walltime, None if hessian_free else lr)
             bar.update(1)
             bar.set_postfix(epoch=state["epoch"] + 1, loss=f"{loss:.4f}", refresh=False)
+            if steps_due() and state["batch_in_epoch"] < steps_per_epoch:
+                record = evaluate_all(off_schedule=False)
+                state["history"].append(record)
+                log_evaluation(record)
             if state["global_step"] == sigkill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
             if not math.isfinite(loss):
@@ -940,7 +953,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
             log_running()
-            if state["epoch"] % args.eval_every == 0 or state["epoch"] == args.epochs:
+            if state["epoch"] % args.eval_every == 0 or state["epoch"] == args.epochs or steps_due():
                 record = evaluate_all(off_schedule=False)
                 state["history"].append(record)
                 log_evaluation(record)

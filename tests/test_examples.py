@@ -131,6 +131,36 @@ def test_short_run_lowers_training_loss(tmp_path, optimizer, steps, extra):
     assert list((tmp_path / optimizer).glob("events.out.tfevents.*"))
 
 
+def test_kfac_factor_it_cannot_invert_ends_the_run_as_diverged(tmp_path, monkeypatch):
+    """ASDL raises when a damped Kronecker factor is not positive definite (a run blowing up):
+    the step is not taken and the run stops as diverged, instead of crashing compare.py."""
+    pytest.importorskip("asdl", reason="asdfghjkl (ASDL, the examples extra) is not installed")
+    import kfac
+    from asdl import KfacGradientMaker
+
+    calls = {"n": 0}
+    original = KfacGradientMaker.forward_and_backward
+
+    def fails_on_third(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.linalg.LinAlgError("linalg.cholesky: the input is not positive-definite")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(KfacGradientMaker, "forward_and_backward", fails_on_third)
+    summary = run(tmp_path, "kfac", "--optimizer", "kfac", "--max-steps", "10")
+    assert summary["stop_reason"] == "diverged" and summary["steps"] == 3
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = kfac.KFAC(model, lr=0.1)
+    monkeypatch.setattr(KfacGradientMaker, "forward_and_backward",
+                        lambda self: (_ for _ in ()).throw(torch.linalg.LinAlgError("not positive-definite")))
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    loss, outputs = optimizer.step_batch(model, torch.nn.CrossEntropyLoss(), x, y)
+    assert math.isnan(float(loss)) and outputs is None
+    assert_same_tensors(list(model.parameters()), before, "parameters")
+
+
 def test_tensorboard_axes(tmp_path):
     """x = training examples seen; walltime = the run's start + training seconds."""
     summary = run(tmp_path, "hf", "--optimizer", "hf", "--epochs", "1", *HF_FAST)
@@ -237,6 +267,25 @@ def test_eval_every(tmp_path):
     summary = run(tmp_path, "run2", "--optimizer", "sgd", "--epochs", "5", "--eval-every", "2",
                   "--max-steps", "30")
     assert [(r["epoch"], r["off_schedule"]) for r in summary["history"]] == [(0, False), (2, False), (3, True)]
+
+
+def test_eval_every_steps(tmp_path):
+    # 10 batches per epoch; evaluations after every 4th step, mid-epoch too, and at the end.
+    base = ["--optimizer", "sgd", "--eval-every", "5", "--eval-every-steps", "4"]
+    summary = run(tmp_path, "run", *base, "--epochs", "2")
+    assert [r["step"] for r in summary["history"]] == [0, 4, 8, 12, 16, 20]
+    assert [r["epoch"] for r in summary["history"]] == pytest.approx([0, 0.4, 0.8, 1.2, 1.6, 2])
+    assert not any(r["off_schedule"] for r in summary["history"])
+    examples = [0, 512, 1024, TRAIN_SIZE + 256, TRAIN_SIZE + 768, 2 * TRAIN_SIZE]
+    assert steps(events(tmp_path / "run"), "train/epoch_loss") == examples
+    # Interrupted between two evaluations and resumed: the same evaluations as one run.
+    straight = run(tmp_path, "straight", *base, "--max-steps", "14")
+    run(tmp_path, "parts", *base, "--max-steps", "6")
+    resumed = run(tmp_path, "parts", *base, "--max-steps", "14", "--resume")
+    assert [r["step"] for r in straight["history"]] == [0, 4, 8, 12, 14]
+    assert_same_tensors(without_times(resumed["history"]), without_times(straight["history"]), "history")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--eval-every-steps", "-1"])
 
 
 def test_resume_refuses_other_settings(tmp_path):
