@@ -3,7 +3,7 @@
 
 ::
 
-    python examples/compare.py                        # digits, ~8 minutes on 2 CPU cores
+    python examples/compare.py                        # digits, ~9 minutes on 2 CPU cores
     python examples/compare.py --data cifar10 --model c3d3_bn --budget 900
     python examples/compare.py --optimizers hf sgd --seeds 0 1 2
     tensorboard --logdir runs/compare-digits          # the runs; the grid is in runs/compare-digits-grid
@@ -66,8 +66,9 @@ one torch thread (``--threads``): the 8x8 images gain little from a second
 one, and when anything else runs on the machine an oversubscribed second
 thread slows these small kernels down by an order of magnitude, which would
 make the wall-clock comparison meaningless.  CIFAR-10 uses torch's default.
-With the default 45 s per optimizer and 11 x 11.25 s of learning-rate grid,
-the digits comparison takes about 6 minutes.
+With the default 45 s per optimizer, six optimizers and 17 x 11.25 s of
+learning-rate grid, the digits comparison takes about 9 minutes, evaluations
+included.
 """
 
 from __future__ import annotations

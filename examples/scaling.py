@@ -625,7 +625,8 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     cfg = report["config"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for name in cfg["optimizers"]:
-        outcomes = [(int(b), runs[name]) for b, runs in report["runs"].items()]
+        # A merged or interrupted study need not hold every contender at every batch size.
+        outcomes = [(int(b), runs[name]) for b, runs in report["runs"].items() if name in runs]
         style = dict(color=COLORS[name], marker=MARKERS[name], ms=7)
         for ax, key in zip(axes, ("steps", "seconds")):
             # A count of 0 (the initial model was already at the target) has no place on a log axis.

@@ -115,6 +115,11 @@ def test_lbfgs_and_kfac_and_merge(tmp_path: Path):
     assert set(merged["ratios"]) == {"lbfgs", *peers}
     assert merged["runs"][32]["lbfgs"] == first["runs"][32]["lbfgs"]
     assert (tmp_path / "m" / "scaling.png").stat().st_size > 0
+    # Folders of other batch sizes: a contender absent at some sizes is left out there, not an error.
+    scaling.main([*common[:-2], "64", "--out", tmp_path / "d", "--optimizers", "sgd"])
+    merged = scaling.main(["--merge", tmp_path / "a", tmp_path / "d", "--out", tmp_path / "m3"])
+    assert merged["config"]["batch_sizes"] == [16, 32, 64] and set(merged["runs"][64]) == {"sgd"}
+    assert "sgd" not in merged["runs"][16] and (tmp_path / "m3" / "scaling.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="other settings"):
         scaling.main([*common, "--target", "1.9", "--out", tmp_path / "c", "--optimizers", "sgd"])
         scaling.main(["--merge", tmp_path / "a", tmp_path / "c", "--out", tmp_path / "m2"])
