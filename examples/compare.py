@@ -246,10 +246,8 @@ def grid_logdir(args: argparse.Namespace) -> Path:
 
 def first_order_args(args: argparse.Namespace, optimizer: str, lr: float) -> list:
     """train.py arguments of a run of ``optimizer`` (not hf) at learning rate ``lr``."""
-    # L-BFGS's steps are few and costly, like HF's: evaluated like HF.
-    every = 1 if optimizer == "lbfgs" else args.first_order_eval_every
-    extra = ["--lr", lr, "--warmup-steps", args.warmup_steps, "--eval-every", every]
-    if optimizer == "lbfgs":
+    extra = ["--lr", lr, "--warmup-steps", args.warmup_steps, "--eval-every", args.first_order_eval_every]
+    if optimizer == "lbfgs":  # few, costly steps, like HF's: evaluated like HF, after every step
         extra += FEW_STEP_EVAL
     if optimizer in ("sgd", "kfac"):
         extra += ["--momentum", args.momentum]

@@ -838,6 +838,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
                        f"val acc {record['val_accuracy']:.4f}  test acc {record['test_accuracy']:.4f}")
 
+    def record_evaluation(off_schedule: bool = False) -> dict[str, Any]:
+        record = evaluate_all(off_schedule)
+        state["history"].append(record)
+        log_evaluation(record)
+        return record
+
     def log_running() -> None:
         running = state["running"]
         if running["count"]:
@@ -863,9 +869,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         })
 
     if not state["history"]:
-        record = evaluate_all(off_schedule=False)
-        state["history"].append(record)
-        log_evaluation(record)
+        record_evaluation()
         # TensorBoard's Relative axis counts from a chart's first point: let the clock's chart start at 0.
         writer.add_scalar("time/wall", 0.0, 0, walltime=clock())
         if sharpness is not None:
@@ -937,9 +941,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(epoch=state["epoch"] + 1, loss=f"{loss:.4f}", refresh=False)
             if steps_due() and state["batch_in_epoch"] < steps_per_epoch:
-                record = evaluate_all(off_schedule=False)
-                state["history"].append(record)
-                log_evaluation(record)
+                record_evaluation()
             if state["global_step"] == sigkill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
             if not math.isfinite(loss):
@@ -954,9 +956,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             state["batch_in_epoch"] = 0
             log_running()
             if state["epoch"] % args.eval_every == 0 or state["epoch"] == args.epochs or steps_due():
-                record = evaluate_all(off_schedule=False)
-                state["history"].append(record)
-                log_evaluation(record)
+                record_evaluation()
             state["running"] = {"loss": 0.0, "correct": 0, "count": 0}
             loader_state = generator.get_state()
             if args.checkpoint_every and state["epoch"] % args.checkpoint_every == 0:
@@ -967,9 +967,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     last = state["history"][-1]
     if last["step"] != state["global_step"] or last["off_schedule"]:
-        last = evaluate_all(off_schedule=True)
-        state["history"].append(last)
-        log_evaluation(last)
+        last = record_evaluation(off_schedule=True)
     writer.add_text("summary/final", final_text(args, last, stop_reason), state["examples"], walltime=clock())
     checkpoint_now()
     writer.close()

@@ -153,8 +153,10 @@ def test_kfac_factor_it_cannot_invert_ends_the_run_as_diverged(tmp_path, monkeyp
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = kfac.KFAC(model, lr=0.1)
-    monkeypatch.setattr(KfacGradientMaker, "forward_and_backward",
-                        lambda self: (_ for _ in ()).throw(torch.linalg.LinAlgError("not positive-definite")))
+    def always_fails(self, *args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.cholesky: the input is not positive-definite")
+
+    monkeypatch.setattr(KfacGradientMaker, "forward_and_backward", always_fails)
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
     loss, outputs = optimizer.step_batch(model, torch.nn.CrossEntropyLoss(), x, y)
     assert math.isnan(float(loss)) and outputs is None
